@@ -1,0 +1,622 @@
+//! The command line: parse arguments, build the parts a command needs,
+//! print results. No business logic lives here.
+
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::deliver::{Deliverer, ESCALATION_TEMPLATE};
+use crate::domain::{CustomerId, Email, parse_timestamp};
+use crate::engine::RuleSet;
+use crate::facts::Facts;
+use crate::ingest::{self, ImportReport};
+use crate::pipeline::{self, RunOptions, RunSummary};
+use crate::store::{self, Store};
+use crate::templates::Templates;
+use crate::unsubscribe::{Signer, random_secret};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "engaged",
+    version,
+    about = "Customer-engagement automation with rules as code"
+)]
+pub struct Cli {
+    /// Configuration file (TOML). Without one, every setting has a working default.
+    #[arg(long, global = true, default_value = "engaged.toml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Import customers (CSV) or events (Segment JSON lines).
+    Import {
+        #[command(subcommand)]
+        what: ImportCommand,
+    },
+    /// Compile every rule and template; report errors as FILE:LINE:COL: message.
+    Check,
+    /// One evaluation pass, then delivery of what it planned.
+    Run {
+        /// Evaluation time (RFC 3339); default now.
+        #[arg(long, value_parser = parse_now)]
+        now: Option<DateTime<Utc>>,
+        /// Show what would happen; write and send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The daemon: schedules, delivery and the HTTP API.
+    Serve,
+    /// List escalations, or resolve one.
+    Escalations {
+        #[arg(long)]
+        json: bool,
+        /// Include resolved escalations.
+        #[arg(long)]
+        all: bool,
+        #[command(subcommand)]
+        action: Option<EscalationCommand>,
+    },
+    /// A customer's facts and every rule's outcome for them.
+    Explain {
+        customer_id: String,
+        #[arg(long, value_parser = parse_now)]
+        now: Option<DateTime<Utc>>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate sample customers and events, import them, run the rules.
+    Demo {
+        /// How many customers to generate.
+        #[arg(long, default_value_t = 300)]
+        customers: usize,
+        /// Average events per customer.
+        #[arg(long, default_value_t = 10)]
+        events_per_customer: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Where the generated files go.
+        #[arg(long, default_value = "demo-data")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportCommand {
+    /// CSV with a header row: id,email,name,created_at,timezone,model,owner (+ traits).
+    Customers { file: PathBuf },
+    /// One Segment message (identify or track) per line.
+    Events { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EscalationCommand {
+    /// Mark an open escalation resolved.
+    Resolve { id: i64 },
+}
+
+fn parse_now(s: &str) -> Result<DateTime<Utc>, String> {
+    parse_timestamp(s).map_err(|e| e.to_string())
+}
+
+/// Runs the command line; returns the process exit code.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("ENGAGED_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The parts most commands need.
+struct App {
+    config: Config,
+    store: Arc<dyn Store>,
+}
+
+impl App {
+    async fn open(config_path: &Path) -> Result<Self> {
+        let explicit = config_path != Path::new("engaged.toml");
+        let config = Config::load(config_path, explicit)?;
+        let store = store::open(&config.database.url)
+            .await
+            .with_context(|| format!("opening the database {}", config.database.url))?;
+        Ok(Self { config, store })
+    }
+
+    fn default_owner(&self) -> Result<Email> {
+        Ok(Email::parse(&self.config.escalation.default_owner)?)
+    }
+
+    /// Templates and rules; errors are printed, and with `strict` they stop the command.
+    fn load_rules_and_templates(&self, strict: bool) -> Result<(Arc<RuleSet>, Arc<Templates>)> {
+        let (templates, template_errors) = Templates::load(&self.config.templates.dir);
+        let names: HashSet<String> = templates.names();
+        let (rules, rule_errors) = RuleSet::load(&self.config.rules.dir, Some(Arc::new(names)));
+        for e in &template_errors {
+            eprintln!("{e}");
+        }
+        for e in &rule_errors {
+            eprintln!("{e}");
+        }
+        let n = template_errors.len() + rule_errors.len();
+        if strict && n > 0 {
+            bail!("{n} rule or template error(s); fix them or run `engaged check`");
+        }
+        Ok((Arc::new(rules), Arc::new(templates)))
+    }
+
+    async fn signer(&self) -> Result<Signer> {
+        let secret = match &self.config.http.signing_secret {
+            Some(s) => s.expose().to_owned(),
+            None => {
+                self.store
+                    .setting_or_init("signing_secret", &random_secret())
+                    .await?
+            }
+        };
+        Ok(Signer::new(&secret))
+    }
+
+    async fn deliverer(&self, templates: Arc<Templates>) -> Result<Deliverer> {
+        let signer = self.signer().await?;
+        Ok(Deliverer::new(
+            &self.config,
+            Arc::clone(&self.store),
+            templates,
+            signer,
+        )?)
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Check => check(&cli.config),
+        Command::Import { what } => {
+            let app = App::open(&cli.config).await?;
+            let report = match what {
+                ImportCommand::Customers { file } => {
+                    ingest::import_customers(Arc::clone(&app.store), &file).await?
+                }
+                ImportCommand::Events { file } => {
+                    ingest::import_events(Arc::clone(&app.store), &file).await?
+                }
+            };
+            print_import(&report);
+            Ok(if report.rejected > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Run { now, dry_run, json } => {
+            let app = App::open(&cli.config).await?;
+            let summary = run(&app, now.unwrap_or_else(Utc::now), dry_run, "cli").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print_summary(&summary);
+            }
+            Ok(if summary.delivery.failed + summary.delivery.dead > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Serve => {
+            bail!(
+                "`engaged serve` (the daemon) is not built yet; use `engaged run` from cron meanwhile"
+            )
+        }
+        Command::Escalations { json, all, action } => {
+            let app = App::open(&cli.config).await?;
+            match action {
+                Some(EscalationCommand::Resolve { id }) => {
+                    if app.store.resolve_escalation(id, Utc::now()).await? {
+                        println!("Escalation {id} resolved.");
+                        Ok(ExitCode::SUCCESS)
+                    } else {
+                        eprintln!("error: there is no open escalation with id {id}");
+                        Ok(ExitCode::from(1))
+                    }
+                }
+                None => {
+                    let list = app.store.escalations(!all).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&list)?);
+                    } else if list.is_empty() {
+                        println!("No {}escalations.", if all { "" } else { "open " });
+                    } else {
+                        println!(
+                            "{:>5}  {:<8}  {:<16}  {:<20}  {:<28}  reason",
+                            "id", "status", "opened", "customer", "owner"
+                        );
+                        for e in list {
+                            println!(
+                                "{:>5}  {:<8}  {:<16}  {:<20}  {:<28}  {} (rule {})",
+                                e.id,
+                                e.status,
+                                e.created_at.format("%Y-%m-%d %H:%M"),
+                                e.customer_id,
+                                e.owner,
+                                e.reason,
+                                e.rule
+                            );
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        Command::Explain {
+            customer_id,
+            now,
+            json,
+        } => {
+            explain(
+                &cli.config,
+                &customer_id,
+                now.unwrap_or_else(Utc::now),
+                json,
+            )
+            .await
+        }
+        Command::Demo {
+            customers,
+            events_per_customer,
+            seed,
+            dir,
+        } => demo(&cli.config, customers, events_per_customer, seed, &dir).await,
+    }
+}
+
+async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, trigger: &str) -> Result<RunSummary> {
+    let (rules, templates) = app.load_rules_and_templates(true)?;
+    let deliverer = if dry_run {
+        None
+    } else {
+        Some(app.deliverer(templates).await?)
+    };
+    let progress = progress_bar(app.store.customer_count().await?);
+    let opts = RunOptions {
+        now,
+        dry_run,
+        trigger: trigger.to_owned(),
+        retry_window: Duration::from_millis(app.config.delivery.run_retry_window_ms),
+    };
+    let summary = pipeline::run(
+        Arc::clone(&app.store),
+        rules,
+        deliverer.as_ref(),
+        &app.default_owner()?,
+        &opts,
+        progress.as_ref(),
+    )
+    .await?;
+    if let Some(p) = progress {
+        p.finish_and_clear();
+    }
+    Ok(summary)
+}
+
+fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "evaluating {bar:40} {pos}/{len} customers ({per_sec}, eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
+
+fn check(config_path: &Path) -> Result<ExitCode> {
+    let explicit = config_path != Path::new("engaged.toml");
+    let config = Config::load(config_path, explicit)?;
+    let (templates, template_errors) = Templates::load(&config.templates.dir);
+    let (rules, rule_errors) = RuleSet::load(&config.rules.dir, Some(Arc::new(templates.names())));
+    let mut errors: Vec<String> = template_errors.iter().map(ToString::to_string).collect();
+    errors.extend(rule_errors.iter().map(ToString::to_string));
+    if !templates.contains(ESCALATION_TEMPLATE) {
+        errors.push(format!(
+            "{}:1:1: missing the escalation notice template (escalation.txt), which escalate() needs",
+            config.templates.dir.join("escalation.txt").display()
+        ));
+    }
+    for e in &errors {
+        println!("{e}");
+    }
+    if errors.is_empty() {
+        println!(
+            "ok: {} rules, {} templates",
+            rules.rules().len(),
+            templates.names().len()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{} error(s)", errors.len());
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn print_import(r: &ImportReport) {
+    for p in &r.errors {
+        eprintln!("{}:{}: {}", r.file.display(), p.line, p.message);
+    }
+    for p in &r.warnings {
+        eprintln!("{}:{}: warning: {}", r.file.display(), p.line, p.message);
+    }
+    if r.rejected as usize > r.errors.len() {
+        eprintln!(
+            "… and {} more rejected lines",
+            r.rejected as usize - r.errors.len()
+        );
+    }
+    println!(
+        "{}: {} imported, {} updated, {} duplicate, {} ignored, {} rejected",
+        r.file.display(),
+        r.imported,
+        r.updated,
+        r.duplicate,
+        r.ignored,
+        r.rejected
+    );
+}
+
+fn print_summary(s: &RunSummary) {
+    let title = if s.dry_run { "Dry run" } else { "Run" };
+    match s.run_id {
+        Some(id) => println!("{title} #{id} at {}", s.now.to_rfc3339()),
+        None => println!(
+            "{title} at {} (nothing written, nothing sent)",
+            s.now.to_rfc3339()
+        ),
+    }
+    println!(
+        "{} customers, {} evaluations in {:.2}s",
+        s.customers, s.evaluations, s.evaluation_seconds
+    );
+    println!(
+        "{:<24} {:>8} {:>8} {:>7} {:>7} {:>11} {:>5} {:>8}",
+        "rule", "planned", "dedup", "errors", "emails", "escalations", "tags", "webhooks"
+    );
+    for (rule, r) in &s.rules {
+        println!(
+            "{:<24} {:>8} {:>8} {:>7} {:>7} {:>11} {:>5} {:>8}",
+            rule, r.planned, r.deduplicated, r.errors, r.emails, r.escalations, r.tags, r.webhooks
+        );
+    }
+    for e in &s.errors {
+        println!("error: customer {}: {}", e.customer_id, e.message);
+    }
+    if s.dry_run {
+        for w in s.would.iter().take(200) {
+            println!(
+                "would {}: {} → {}{}",
+                if w.deduplicated { "skip" } else { "do" },
+                w.customer_id,
+                w.action,
+                if w.deduplicated {
+                    " (already done)"
+                } else {
+                    ""
+                }
+            );
+        }
+        if s.would.len() > 200 {
+            println!("… {} more", s.would.len() - 200);
+        }
+    } else {
+        println!(
+            "delivery: {} sent, {} failed, {} retrying later, {} dead",
+            s.delivery.sent, s.delivery.failed, s.delivery.retrying, s.delivery.dead
+        );
+    }
+}
+
+async fn explain(
+    config_path: &Path,
+    customer_id: &str,
+    now: DateTime<Utc>,
+    json: bool,
+) -> Result<ExitCode> {
+    let app = App::open(config_path).await?;
+    let id = CustomerId::parse(customer_id)?;
+    let Some(customer) = app.store.customer(&id).await? else {
+        eprintln!("error: no customer with id {customer_id:?}");
+        return Ok(ExitCode::from(1));
+    };
+    let (rules, _) = app.load_rules_and_templates(false)?;
+    let events = app.store.events_in_id_range(&id, &id, now).await?;
+    let tags = app
+        .store
+        .tags_in_id_range(&id, &id)
+        .await?
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    let facts = Arc::new(Facts::new(customer, events, tags, now));
+    let owner = app.default_owner()?;
+    let history = app.store.actions_for_customer(&id).await?;
+    let escalations = app.store.escalations_for_customer(&id).await?;
+    let mut outcomes = Vec::new();
+    for (rule, result) in rules.rules().iter().zip(rules.evaluate_all(&facts)) {
+        let outcome = match result {
+            Ok(actions) if actions.is_empty() => {
+                serde_json::json!({"rule": rule.id, "outcome": "nothing"})
+            }
+            Ok(actions) => {
+                let items: Vec<_> = actions
+                    .into_iter()
+                    .map(|a| {
+                        let key = crate::plan::dedup_key(&a);
+                        let done = key
+                            .as_ref()
+                            .and_then(|k| history.iter().find(|h| &h.dedup_key == k));
+                        let open = matches!(a.kind, crate::plan::ActionRequest::Escalate { .. })
+                            .then(|| {
+                                escalations
+                                    .iter()
+                                    .find(|e| e.rule == rule.id && e.status == "open")
+                            })
+                            .flatten();
+                        let status = match (done, open) {
+                            (Some(h), _) => {
+                                format!("already planned in run {} ({})", h.run_id, h.status)
+                            }
+                            (None, Some(e)) => format!("escalation {} is already open", e.id),
+                            (None, None) => "new: the next run would do it".into(),
+                        };
+                        let _ = &owner;
+                        serde_json::json!({"action": a.kind, "status": status})
+                    })
+                    .collect();
+                serde_json::json!({"rule": rule.id, "outcome": "actions", "actions": items})
+            }
+            Err(e) => {
+                serde_json::json!({"rule": rule.id, "outcome": "error", "error": e.to_string()})
+            }
+        };
+        outcomes.push(outcome);
+    }
+    let report = serde_json::json!({
+        "customer": crate::deliver::customer_context(&facts.customer),
+        "tags": facts.tags,
+        "now": now,
+        "facts": facts.summary(),
+        "rules": outcomes,
+        "history": history.iter().map(|h| serde_json::json!({
+            "run": h.run_id, "rule": h.rule, "kind": h.kind, "status": h.status,
+            "attempts": h.attempts, "last_error": h.last_error,
+            "created_at": h.created_at, "finished_at": h.finished_at,
+        })).collect::<Vec<_>>(),
+        "escalations": escalations,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_explain(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_explain(r: &serde_json::Value) {
+    let c = &r["customer"];
+    println!(
+        "Customer {} <{}> ({}, {})",
+        c["id"].as_str().unwrap_or("?"),
+        c["email"].as_str().unwrap_or("no email"),
+        c["name"].as_str().unwrap_or("no name"),
+        c["model"].as_str().unwrap_or("?")
+    );
+    println!("As of {}", r["now"].as_str().unwrap_or("?"));
+    println!(
+        "Facts: {}",
+        serde_json::to_string_pretty(&r["facts"]).unwrap_or_default()
+    );
+    println!("Rules:");
+    for o in r["rules"].as_array().into_iter().flatten() {
+        let rule = o["rule"].as_str().unwrap_or("?");
+        match o["outcome"].as_str() {
+            Some("nothing") => println!("  {rule}: nothing to do"),
+            Some("error") => println!("  {rule}: error: {}", o["error"].as_str().unwrap_or("")),
+            _ => {
+                for a in o["actions"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {rule}: {} — {}",
+                        a["action"],
+                        a["status"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+    println!("History:");
+    for h in r["history"].as_array().into_iter().flatten() {
+        println!(
+            "  run {} {} {} → {} (attempts {}){}",
+            h["run"],
+            h["rule"].as_str().unwrap_or(""),
+            h["kind"].as_str().unwrap_or(""),
+            h["status"].as_str().unwrap_or(""),
+            h["attempts"],
+            h["last_error"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
+    for e in r["escalations"].as_array().into_iter().flatten() {
+        println!(
+            "Escalation {} ({}) to {}: {}",
+            e["id"],
+            e["status"].as_str().unwrap_or(""),
+            e["owner"].as_str().unwrap_or(""),
+            e["reason"].as_str().unwrap_or("")
+        );
+    }
+}
+
+async fn demo(
+    config_path: &Path,
+    customers: usize,
+    events_per_customer: usize,
+    seed: u64,
+    dir: &Path,
+) -> Result<ExitCode> {
+    let app = App::open(config_path).await?;
+    let now = Utc::now();
+    let spec = crate::demo_data::SampleSpec {
+        customers,
+        events_per_customer,
+        seed,
+        now,
+    };
+    let files = crate::demo_data::write_sample_data(&spec, dir)
+        .with_context(|| format!("writing sample data to {}", dir.display()))?;
+    println!(
+        "Generated {} customers and {} events in {}",
+        files.customers,
+        files.events,
+        dir.display()
+    );
+    let r = ingest::import_customers(Arc::clone(&app.store), &files.customers_csv).await?;
+    print_import(&r);
+    let r = ingest::import_events(Arc::clone(&app.store), &files.events_jsonl).await?;
+    print_import(&r);
+    let summary = run(&app, now, false, "demo").await?;
+    print_summary(&summary);
+    if app.config.mail.effective_transport() == crate::config::Transport::File {
+        println!("Mail written to {}/", app.config.mail.outbox_dir.display());
+    }
+    println!("Try: engaged escalations · engaged explain cus_00001 · engaged run --dry-run");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,408 @@
+//! Typed settings. Every key has a default that works with no config file at
+//! all (SQLite `./engaged.db`, `./rules`, `./templates`, mail as `.eml` files in
+//! `./outbox/`). Unknown keys are errors, so a typo never silently does nothing.
+//!
+//! Any key can be overridden from the environment as
+//! `ENGAGED_<SECTION>__<KEY>` (e.g. `ENGAGED_HTTP__WRITE_KEY`), which is how
+//! secrets are meant to arrive in production.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub rules: DirConfig<RulesDir>,
+    pub templates: DirConfig<TemplatesDir>,
+    pub mail: MailConfig,
+    pub delivery: DeliveryConfig,
+    pub escalation: EscalationConfig,
+    pub http: HttpConfig,
+    pub webhooks: BTreeMap<String, WebhookConfig>,
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://engaged.db".into(),
+        }
+    }
+}
+
+/// Marker types so `rules.dir` and `templates.dir` get different defaults.
+pub trait DefaultDir {
+    const DIR: &'static str;
+}
+#[derive(Debug, Clone, Default)]
+pub struct RulesDir;
+#[derive(Debug, Clone, Default)]
+pub struct TemplatesDir;
+impl DefaultDir for RulesDir {
+    const DIR: &'static str = "rules";
+}
+impl DefaultDir for TemplatesDir {
+    const DIR: &'static str = "templates";
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirConfig<D: DefaultDir> {
+    pub dir: PathBuf,
+    #[serde(skip)]
+    _kind: std::marker::PhantomData<D>,
+}
+
+impl<D: DefaultDir> Default for DirConfig<D> {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(D::DIR),
+            _kind: std::marker::PhantomData,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Smtp,
+    File,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailConfig {
+    pub from: String,
+    /// `smtp` or `file`; when absent: `smtp` if `smtp_url` is set, else `file`.
+    pub transport: Option<Transport>,
+    /// lettre's URL form: `smtp://user:pass@host:port?tls=required`, `smtps://host`.
+    pub smtp_url: Option<Secret>,
+    /// Where the file transport writes `.eml` files.
+    pub outbox_dir: PathBuf,
+    /// Provider limit in messages per second; 0 means unlimited.
+    pub rate_per_second: u32,
+    /// Address for `List-Unsubscribe: <mailto:…>`; default `unsubscribe@<from domain>`.
+    pub unsubscribe_mailto: Option<String>,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        Self {
+            from: "Engaged <hello@engaged.example>".into(),
+            transport: None,
+            smtp_url: None,
+            outbox_dir: PathBuf::from("outbox"),
+            rate_per_second: 0,
+            unsubscribe_mailto: None,
+        }
+    }
+}
+
+impl MailConfig {
+    pub fn effective_transport(&self) -> Transport {
+        self.transport.unwrap_or(if self.smtp_url.is_some() {
+            Transport::Smtp
+        } else {
+            Transport::File
+        })
+    }
+}
+
+/// How delivery retries and how many sends run at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Concurrent SMTP connections / webhook requests.
+    pub concurrency: usize,
+    /// Attempts before an action is given up as dead.
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds; doubles each attempt (with jitter).
+    pub retry_base_ms: u64,
+    /// Longest retry delay in milliseconds.
+    pub retry_max_ms: u64,
+    /// How long `engaged run` keeps retrying transient failures before leaving
+    /// them pending for the next run or the daemon, in milliseconds.
+    pub run_retry_window_ms: u64,
+    /// SMTP command timeout in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            max_attempts: 8,
+            retry_base_ms: 30_000,
+            retry_max_ms: 6 * 3600 * 1000,
+            run_retry_window_ms: 60_000,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EscalationConfig {
+    /// Owner for customers that have none.
+    pub default_owner: String,
+}
+
+impl Default for EscalationConfig {
+    fn default() -> Self {
+        Self {
+            default_owner: "success@engaged.example".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: String,
+    /// Base of links in emails; default `http://{listen}`.
+    pub public_url: Option<String>,
+    pub write_key: Option<Secret>,
+    pub admin_token: Option<Secret>,
+    /// HMAC key for unsubscribe links; when absent a random one is generated
+    /// once and kept in the database so links stay valid across restarts.
+    pub signing_secret: Option<Secret>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            public_url: None,
+            write_key: None,
+            admin_token: None,
+            signing_secret: None,
+        }
+    }
+}
+
+impl HttpConfig {
+    pub fn public_base(&self) -> String {
+        let base = self
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen));
+        base.trim_end_matches('/').to_owned()
+    }
+}
+
+/// `[webhooks.NAME]`: where `webhook(NAME, payload)` posts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: Secret,
+    /// Extra request headers, e.g. an Authorization token.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+}
+
+/// `[[schedules]]` (used by `engaged serve`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub name: String,
+    pub cron: String,
+    #[serde(default = "utc")]
+    pub timezone: String,
+    #[serde(default)]
+    pub rules: Option<Vec<String>>,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+/// A string that is never printed: `Debug` shows `"***"`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Loads `path` if it exists (a missing default file is fine; a missing
+    /// explicitly named file is an error), then applies `ENGAGED_*` overrides.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        Self::from_toml_with_env(&text, std::env::vars(), path)
+    }
+
+    /// Parses TOML text, then applies `ENGAGED_SECTION__KEY=value` overrides
+    /// taken from `env`.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        path: &Path,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            invalid(e.to_string().trim_end().replace('\n', "\n  "))
+        })?;
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix("ENGAGED_") else {
+                continue;
+            };
+            let Some((section, field)) = rest.split_once("__") else {
+                continue;
+            };
+            let section = section.to_ascii_lowercase();
+            let field = field.to_ascii_lowercase();
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(t) = entry else {
+                return Err(invalid(format!(
+                    "environment variable {key} overrides [{section}], which is not a table"
+                )));
+            };
+            t.insert(field, env_value(&value));
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(e.to_string().trim_end().to_owned()))?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.mail
+            .from
+            .parse::<lettre::message::Mailbox>()
+            .map_err(|e| format!("mail.from {:?} is not a valid mailbox: {e}", self.mail.from))?;
+        crate::domain::Email::parse(&self.escalation.default_owner)
+            .map_err(|e| format!("escalation.default_owner: {e}"))?;
+        if self.mail.effective_transport() == Transport::Smtp && self.mail.smtp_url.is_none() {
+            return Err("mail.transport is \"smtp\" but mail.smtp_url is not set".into());
+        }
+        if self.delivery.concurrency == 0 {
+            return Err("delivery.concurrency must be at least 1".into());
+        }
+        if self.delivery.max_attempts == 0 {
+            return Err("delivery.max_attempts must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Environment values are strings; numbers and booleans are recognised so
+/// `ENGAGED_MAIL__RATE_PER_SECOND=5` works.
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = raw.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(raw.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(
+            text,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            Path::new("engaged.toml"),
+        )
+    }
+
+    #[test]
+    fn an_empty_file_gives_working_defaults() {
+        let c = parse("", &[]).unwrap();
+        assert_eq!(c.database.url, "sqlite://engaged.db");
+        assert_eq!(c.rules.dir, PathBuf::from("rules"));
+        assert_eq!(c.templates.dir, PathBuf::from("templates"));
+        assert_eq!(c.mail.effective_transport(), Transport::File);
+        assert_eq!(c.http.public_base(), "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let err = parse("[mail]\nform = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("form"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_secrets_and_numbers() {
+        let c = parse(
+            "[http]\nwrite_key = \"from-file\"\n",
+            &[
+                ("ENGAGED_HTTP__WRITE_KEY", "from-env"),
+                ("ENGAGED_MAIL__RATE_PER_SECOND", "7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.http.write_key.as_ref().unwrap().expose(), "from-env");
+        assert_eq!(c.mail.rate_per_second, 7);
+        assert!(
+            !format!("{c:?}").contains("from-env"),
+            "secrets are redacted"
+        );
+    }
+
+    #[test]
+    fn the_readme_example_config_parses() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("```toml\n").expect("README has a toml example");
+        let body = &readme[start + 8..];
+        let end = body.find("```").unwrap();
+        let c = parse(&body[..end], &[]).unwrap();
+        assert_eq!(c.mail.effective_transport(), Transport::Smtp);
+        assert_eq!(c.schedules.len(), 1);
+    }
+}

@@ -1,0 +1,404 @@
+//! Delivery: the only code that sends anything. `Deliverer::deliver_one`
+//! performs one attempt for one claimed outbox item and returns how it ended;
+//! `deliver_pass` claims due items and runs attempts concurrently;
+//! `drain` repeats passes while retries are due within a window.
+//!
+//! Nothing is marked sent before the server accepted it: an item is claimed
+//! with a lease, and only the server's acceptance records it as sent.
+
+pub mod message;
+pub mod smtp;
+mod webhook;
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use lettre::message::Mailbox;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::config::{Config, DeliveryConfig, Transport, WebhookConfig};
+use crate::domain::Email;
+use crate::plan::{EmailPayload, EscalationPayload, OutboxKind, WebhookPayload, short_hash};
+use crate::store::{AttemptResult, OutboxItem, Store, StoreError};
+use crate::templates::{RenderedEmail, Templates};
+use crate::unsubscribe::Signer;
+
+use message::{Envelope, Unsubscribe};
+use smtp::{SendError, SmtpPool, SmtpTarget};
+
+/// Template used for escalation notices to owners.
+pub const ESCALATION_TEMPLATE: &str = "escalation";
+/// How long a claim is valid before another worker may take the item over.
+const LEASE: Duration = Duration::from_secs(300);
+/// Items claimed per pass.
+const CLAIM_BATCH: usize = 256;
+
+/// Where email goes.
+pub enum MailTransport {
+    /// `.eml` files in a directory.
+    File(PathBuf),
+    Smtp(SmtpPool),
+}
+
+/// Counts from delivery passes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DeliveryReport {
+    pub sent: usize,
+    pub failed: usize,
+    pub retrying: usize,
+    pub dead: usize,
+}
+
+impl DeliveryReport {
+    fn add(&mut self, r: &AttemptResult) {
+        match r {
+            AttemptResult::Sent { .. } => self.sent += 1,
+            AttemptResult::Failed { .. } => self.failed += 1,
+            AttemptResult::Retry { .. } => self.retrying += 1,
+            AttemptResult::Dead { .. } => self.dead += 1,
+        }
+    }
+
+    fn merge(&mut self, other: &DeliveryReport) {
+        self.sent += other.sent;
+        self.failed += other.failed;
+        self.dead += other.dead;
+        self.retrying = other.retrying;
+    }
+}
+
+/// Delivers outbox items.
+pub struct Deliverer {
+    store: Arc<dyn Store>,
+    templates: Arc<Templates>,
+    transport: MailTransport,
+    from: Mailbox,
+    from_domain: String,
+    public_base: String,
+    unsubscribe_mailto: String,
+    signer: Signer,
+    webhooks: std::collections::BTreeMap<String, WebhookConfig>,
+    http: reqwest::Client,
+    limiter: Option<DefaultDirectRateLimiter>,
+    policy: DeliveryConfig,
+}
+
+/// Errors setting up delivery.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Deliverer {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        templates: Arc<Templates>,
+        signer: Signer,
+    ) -> Result<Self, DeliverError> {
+        let from: Mailbox = config
+            .mail
+            .from
+            .parse()
+            .map_err(|e| DeliverError::Config(format!("mail.from: {e}")))?;
+        let from_domain = from.email.domain().to_owned();
+        let transport = match config.mail.effective_transport() {
+            Transport::File => MailTransport::File(config.mail.outbox_dir.clone()),
+            Transport::Smtp => {
+                let url = config
+                    .mail
+                    .smtp_url
+                    .as_ref()
+                    .ok_or_else(|| DeliverError::Config("mail.smtp_url is not set".into()))?;
+                let target = SmtpTarget::parse(url.expose()).map_err(DeliverError::Config)?;
+                MailTransport::Smtp(SmtpPool::new(
+                    target,
+                    Duration::from_millis(config.delivery.timeout_ms),
+                    config.delivery.concurrency,
+                ))
+            }
+        };
+        let limiter = NonZeroU32::new(config.mail.rate_per_second)
+            .map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::MIN)));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.delivery.timeout_ms))
+            .build()
+            .map_err(|e| DeliverError::Config(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            store,
+            templates,
+            transport,
+            unsubscribe_mailto: config
+                .mail
+                .unsubscribe_mailto
+                .clone()
+                .unwrap_or_else(|| format!("unsubscribe@{from_domain}")),
+            from,
+            from_domain,
+            public_base: config.http.public_base(),
+            signer,
+            webhooks: config.webhooks.clone(),
+            http,
+            limiter,
+            policy: config.delivery.clone(),
+        })
+    }
+
+    /// One pass: claims due items (repeatedly, until none are due) and
+    /// delivers them with the configured concurrency.
+    pub async fn deliver_pass(&self, now: DateTime<Utc>) -> Result<DeliveryReport, StoreError> {
+        let mut report = DeliveryReport::default();
+        loop {
+            let lease_until = now + chrono::Duration::from_std(LEASE).unwrap_or_default();
+            let items = self.store.claim_due(now, lease_until, CLAIM_BATCH).await?;
+            if items.is_empty() {
+                return Ok(report);
+            }
+            let results: Vec<(i64, AttemptResult)> = futures::stream::iter(items)
+                .map(|item| async move {
+                    let result = self.deliver_one(&item).await;
+                    (item.id, result)
+                })
+                .buffer_unordered(self.policy.concurrency)
+                .collect()
+                .await;
+            for (id, result) in results {
+                self.store.record_attempt(id, &result, Utc::now()).await?;
+                log_result(id, &result);
+                report.add(&result);
+            }
+        }
+    }
+
+    /// Delivers until nothing is due, waiting for retries that fall due
+    /// within `window`; what is still pending after that stays in the outbox.
+    pub async fn drain(&self, window: Duration) -> Result<DeliveryReport, StoreError> {
+        let deadline = Utc::now() + chrono::Duration::from_std(window).unwrap_or_default();
+        let mut total = DeliveryReport::default();
+        loop {
+            let pass = self.deliver_pass(Utc::now()).await?;
+            total.merge(&pass);
+            match self.store.next_due_at().await? {
+                Some(next) if next <= deadline => {
+                    let wait = (next - Utc::now()).to_std().unwrap_or_default();
+                    tokio::time::sleep(wait.min(Duration::from_secs(5))).await;
+                }
+                Some(_) => return Ok(total),
+                None => {
+                    total.retrying = 0;
+                    return Ok(total);
+                }
+            }
+        }
+    }
+
+    /// One attempt for one claimed item. Never panics, never returns an error:
+    /// every way it can end is an `AttemptResult`.
+    pub async fn deliver_one(&self, item: &OutboxItem) -> AttemptResult {
+        let outcome = match item.kind {
+            OutboxKind::Email => self.send_customer_email(item).await,
+            OutboxKind::EscalationNotice => self.send_escalation_notice(item).await,
+            OutboxKind::Webhook => self.call_webhook(item).await,
+            OutboxKind::Tag => Ok("applied".into()),
+        };
+        match outcome {
+            Ok(detail) => AttemptResult::Sent { detail },
+            Err(e) if e.permanent => AttemptResult::Failed { error: e.message },
+            Err(e) if item.attempts >= self.policy.max_attempts => AttemptResult::Dead {
+                error: format!("{} (gave up after {} attempts)", e.message, item.attempts),
+            },
+            Err(e) => AttemptResult::Retry {
+                error: e.message,
+                retry_at: Utc::now() + backoff(&self.policy, item.attempts),
+            },
+        }
+    }
+
+    fn message_id(&self, item: &OutboxItem) -> String {
+        format!(
+            "{}.{}@{}",
+            short_hash(&item.dedup_key),
+            item.id,
+            self.from_domain
+        )
+    }
+
+    async fn send_customer_email(&self, item: &OutboxItem) -> Result<String, SendError> {
+        let p: EmailPayload = parse_payload(item)?;
+        let to = p
+            .customer
+            .email
+            .clone()
+            .ok_or_else(|| permanent("the customer has no email address"))?;
+        let token = self.signer.token(p.customer.id.as_str(), to.as_str());
+        let unsubscribe_url = format!("{}/unsubscribe/{token}", self.public_base);
+        let mut ctx = Map::new();
+        for (k, v) in &p.vars {
+            ctx.insert(k.clone(), v.clone());
+        }
+        ctx.insert("customer".into(), customer_context(&p.customer));
+        ctx.insert(
+            "unsubscribe_url".into(),
+            Value::String(unsubscribe_url.clone()),
+        );
+        let rendered = self.render(&p.template, &Value::Object(ctx))?;
+        let envelope = Envelope {
+            from: &self.from,
+            to: &to,
+            to_name: p.customer.name.as_deref(),
+            message_id: self.message_id(item),
+            unsubscribe: Some(Unsubscribe {
+                url: unsubscribe_url,
+                mailto: format!(
+                    "mailto:{}?subject=unsubscribe%20{token}",
+                    self.unsubscribe_mailto
+                ),
+            }),
+        };
+        self.send(item, &envelope, &rendered).await
+    }
+
+    async fn send_escalation_notice(&self, item: &OutboxItem) -> Result<String, SendError> {
+        let p: EscalationPayload = parse_payload(item)?;
+        let mut ctx = Map::new();
+        ctx.insert("customer".into(), customer_context(&p.customer));
+        ctx.insert("reason".into(), Value::String(p.reason.clone()));
+        ctx.insert("rule".into(), Value::String(p.rule.clone()));
+        ctx.insert("owner".into(), Value::String(p.owner.to_string()));
+        ctx.insert("escalation_id".into(), Value::from(p.escalation_id));
+        ctx.insert("facts".into(), Value::Object(p.facts.clone()));
+        let rendered = self.render(ESCALATION_TEMPLATE, &Value::Object(ctx))?;
+        let envelope = Envelope {
+            from: &self.from,
+            to: &p.owner,
+            to_name: None,
+            message_id: self.message_id(item),
+            unsubscribe: None,
+        };
+        self.send(item, &envelope, &rendered).await
+    }
+
+    fn render(&self, template: &str, ctx: &Value) -> Result<RenderedEmail, SendError> {
+        self.templates
+            .render(template, ctx)
+            .map_err(|e| permanent(&format!("template error: {e}")))
+    }
+
+    async fn send(
+        &self,
+        item: &OutboxItem,
+        envelope: &Envelope<'_>,
+        rendered: &RenderedEmail,
+    ) -> Result<String, SendError> {
+        let msg = message::build(envelope, rendered).map_err(|e| permanent(&e))?;
+        if let Some(limiter) = &self.limiter {
+            limiter.until_ready().await;
+        }
+        match &self.transport {
+            MailTransport::File(dir) => {
+                let path = dir.join(format!(
+                    "{:06}-{}.eml",
+                    item.id,
+                    short_hash(&item.dedup_key)
+                ));
+                write_atomically(&path, &msg.formatted())
+                    .await
+                    .map_err(|e| SendError {
+                        permanent: false,
+                        message: format!("cannot write {}: {e}", path.display()),
+                    })?;
+                Ok(format!("written to {}", path.display()))
+            }
+            MailTransport::Smtp(pool) => pool.send(msg.envelope(), &msg.formatted()).await,
+        }
+    }
+
+    async fn call_webhook(&self, item: &OutboxItem) -> Result<String, SendError> {
+        let p: WebhookPayload = parse_payload(item)?;
+        let hook = self.webhooks.get(&p.name).ok_or_else(|| {
+            permanent(&format!(
+                "no webhook named {:?} in [webhooks] of the config",
+                p.name
+            ))
+        })?;
+        webhook::post(&self.http, hook, item, &p).await
+    }
+}
+
+fn parse_payload<T: serde::de::DeserializeOwned>(item: &OutboxItem) -> Result<T, SendError> {
+    serde_json::from_value(item.payload.clone())
+        .map_err(|e| permanent(&format!("unreadable outbox payload: {e}")))
+}
+
+fn permanent(message: &str) -> SendError {
+    SendError {
+        permanent: true,
+        message: message.to_owned(),
+    }
+}
+
+/// The `customer` object templates see: the stored fields, `first_name`,
+/// and RFC 3339 times.
+pub fn customer_context(c: &crate::domain::Customer) -> Value {
+    let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        let first = c
+            .name
+            .as_deref()
+            .and_then(|n| n.split_whitespace().next())
+            .map(str::to_owned);
+        m.insert(
+            "first_name".into(),
+            first.map_or(Value::Null, Value::String),
+        );
+        m.insert(
+            "email".into(),
+            c.email
+                .as_ref()
+                .map_or(Value::Null, |e: &Email| Value::String(e.to_string())),
+        );
+    }
+    v
+}
+
+/// Exponential backoff with ±20 % jitter: base · 2^(attempt−1), capped.
+pub fn backoff(policy: &DeliveryConfig, attempt: u32) -> chrono::Duration {
+    use rand::Rng;
+    let exp = policy
+        .retry_base_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
+        .min(policy.retry_max_ms);
+    let jitter = rand::rng().random_range(0.8..1.2);
+    chrono::Duration::milliseconds((exp as f64 * jitter) as i64)
+}
+
+async fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    let tmp = path.with_extension("eml.tmp");
+    tokio::fs::write(&tmp, bytes).await?;
+    tokio::fs::rename(&tmp, path).await
+}
+
+fn log_result(id: i64, r: &AttemptResult) {
+    match r {
+        AttemptResult::Sent { .. } => tracing::debug!(action = id, "Delivered."),
+        AttemptResult::Retry { error, retry_at } => {
+            tracing::warn!(action = id, %retry_at, "Delivery failed for now and will be retried: {error}")
+        }
+        AttemptResult::Failed { error } => {
+            tracing::warn!(action = id, "Delivery failed permanently: {error}")
+        }
+        AttemptResult::Dead { error } => tracing::error!(action = id, "Delivery gave up: {error}"),
+    }
+}

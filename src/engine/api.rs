@@ -1,0 +1,128 @@
+//! The functions rules call. Each reads the current evaluation context
+//! (see `super::with_context`) and either answers a question about the
+//! customer or records a planned action. No I/O happens here.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use rhai::{Dynamic, Engine, EvalAltResult, Map};
+
+use super::value::{Timestamp, dynamic_to_json, json_to_dynamic};
+use super::with_context;
+use crate::plan::ActionRequest;
+
+type Fallible<T> = Result<T, Box<EvalAltResult>>;
+
+fn opt_int(v: Option<i64>) -> Dynamic {
+    v.map_or(Dynamic::UNIT, Dynamic::from_int)
+}
+
+pub(super) fn register(engine: &mut Engine, templates: Option<Arc<HashSet<String>>>) {
+    engine.register_fn("days_since_signup", || {
+        with_context(|c| Ok(opt_int(c.facts.days_since_signup())))
+    });
+    engine.register_fn("count", |event: &str| {
+        with_context(|c| Ok(c.facts.count(event)))
+    });
+    engine.register_fn("count", |event: &str, days: i64| {
+        with_context(|c| Ok(c.facts.count_within(event, days)))
+    });
+    engine.register_fn("last", |event: &str| {
+        with_context(|c| {
+            Ok(c.facts.last(event).map_or(Dynamic::UNIT, |o| {
+                let mut m = Map::new();
+                m.insert("name".into(), Dynamic::from(event.to_owned()));
+                m.insert("at".into(), Dynamic::from(Timestamp(o.at)));
+                m.insert("properties".into(), json_to_dynamic(&o.properties));
+                Dynamic::from_map(m)
+            }))
+        })
+    });
+    engine.register_fn("days_since", |event: &str| {
+        with_context(|c| Ok(opt_int(c.facts.days_since(event))))
+    });
+    engine.register_fn("sum", |event: &str, property: &str| {
+        with_context(|c| Ok(c.facts.sum(event, property)))
+    });
+    engine.register_fn("has_tag", |name: &str| {
+        with_context(|c| Ok(c.facts.tags.iter().any(|t| t == name)))
+    });
+
+    let known = templates.clone();
+    engine.register_fn("send_email", move |template: &str| {
+        send_email(known.as_deref(), template, Map::new())
+    });
+    let known = templates;
+    engine.register_fn("send_email", move |template: &str, vars: Map| {
+        send_email(known.as_deref(), template, vars)
+    });
+    engine.register_fn("escalate", |reason: &str| {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err("escalate(reason) needs a non-empty reason".into());
+        }
+        with_context(|c| {
+            c.planned.push(ActionRequest::Escalate {
+                reason: reason.to_owned(),
+            });
+            Ok(())
+        })
+    });
+    engine.register_fn("tag", |name: &str| {
+        let name = name.trim();
+        if name.is_empty() || name.len() > 100 {
+            return Err("tag(name) needs a name of 1 to 100 characters".into());
+        }
+        with_context(|c| {
+            c.planned.push(ActionRequest::Tag {
+                name: name.to_owned(),
+            });
+            Ok(())
+        })
+    });
+    engine.register_fn("webhook", |name: &str, payload: Dynamic| {
+        let payload = dynamic_to_json(&payload);
+        with_context(|c| {
+            c.planned.push(ActionRequest::Webhook {
+                name: name.to_owned(),
+                payload,
+            });
+            Ok(())
+        })
+    });
+}
+
+fn send_email(known: Option<&HashSet<String>>, template: &str, vars: Map) -> Fallible<()> {
+    if let Some(known) = known
+        && !known.contains(template)
+    {
+        let mut names: Vec<&String> = known.iter().collect();
+        names.sort();
+        return Err(format!(
+            "send_email: no template named {template:?} (templates/{template}.txt); known: {}",
+            names
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+        .into());
+    }
+    let vars = match dynamic_to_json(&Dynamic::from_map(vars)) {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    let key = match vars.get("key") {
+        None | Some(serde_json::Value::Null) => template.to_owned(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    with_context(|c| {
+        c.planned.push(ActionRequest::Email {
+            template: template.to_owned(),
+            key,
+            vars,
+        });
+        Ok(())
+    })
+}

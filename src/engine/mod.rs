@@ -1,0 +1,352 @@
+//! The rule engine: one locked-down Rhai engine, rules compiled once and
+//! shared, evaluation that returns planned actions and does no I/O.
+//!
+//! Rule functions (`count`, `send_email`, …) need the customer being
+//! evaluated. Rhai native functions cannot see the script's scope, so the
+//! evaluation context lives in a thread-local for the duration of one
+//! evaluation (`ContextGuard`); evaluations run on rayon threads, one
+//! customer-rule pair at a time per thread.
+
+mod api;
+mod value;
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rhai::{AST, Dynamic, Engine, EvalAltResult, Position, Scope};
+
+use crate::facts::Facts;
+use crate::plan::{ActionRequest, PlannedAction};
+
+pub use value::{Timestamp, dynamic_to_json, json_to_dynamic};
+
+/// Limits that stop a runaway rule in milliseconds.
+pub const MAX_OPERATIONS: u64 = 200_000;
+pub const MAX_CALL_LEVELS: usize = 32;
+pub const MAX_STRING_SIZE: usize = 64 * 1024;
+pub const MAX_ARRAY_SIZE: usize = 10_000;
+pub const MAX_MAP_SIZE: usize = 10_000;
+
+/// A located error in a rule: `FILE:LINE:COL: message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.path.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for RuleError {}
+
+/// One compiled rule.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    /// The file stem: `rules/welcome.rhai` → `welcome`.
+    pub id: String,
+    pub path: PathBuf,
+    ast: AST,
+}
+
+/// Per-evaluation state reachable from native functions.
+struct EvalContext {
+    facts: Arc<Facts>,
+    rule: String,
+    planned: Vec<ActionRequest>,
+}
+
+thread_local! {
+    static CONTEXT: RefCell<Option<EvalContext>> = const { RefCell::new(None) };
+}
+
+/// Installs an evaluation context on this thread and removes it on drop,
+/// even if evaluation panics.
+struct ContextGuard;
+
+impl ContextGuard {
+    fn install(facts: Arc<Facts>, rule: &str) -> Self {
+        CONTEXT.with(|c| {
+            *c.borrow_mut() = Some(EvalContext {
+                facts,
+                rule: rule.to_owned(),
+                planned: Vec::new(),
+            })
+        });
+        Self
+    }
+
+    fn take_planned(&self) -> Vec<ActionRequest> {
+        CONTEXT.with(|c| {
+            c.borrow_mut()
+                .as_mut()
+                .map(|ctx| std::mem::take(&mut ctx.planned))
+                .unwrap_or_default()
+        })
+    }
+}
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        CONTEXT.with(|c| *c.borrow_mut() = None);
+    }
+}
+
+/// Runs `f` with the current evaluation context; an error if called outside one.
+fn with_context<R>(
+    f: impl FnOnce(&mut EvalContext) -> Result<R, Box<EvalAltResult>>,
+) -> Result<R, Box<EvalAltResult>> {
+    CONTEXT.with(|c| match c.borrow_mut().as_mut() {
+        Some(ctx) => f(ctx),
+        None => Err("rule functions can only be called while a rule is evaluated".into()),
+    })
+}
+
+/// All rules of a directory, compiled with one engine.
+pub struct RuleSet {
+    engine: Engine,
+    rules: Vec<Rule>,
+}
+
+impl fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuleSet")
+            .field("rules", &self.rules)
+            .finish()
+    }
+}
+
+/// The names every rule sees in scope. Pushed as variables (not constants):
+/// constants pushed at compile time would be baked into the AST.
+fn base_scope() -> Scope<'static> {
+    let mut scope = Scope::new();
+    scope.push("customer", Dynamic::UNIT);
+    scope.push("now", Dynamic::UNIT);
+    scope
+}
+
+/// Builds the locked-down engine. `templates`, when given, lets `send_email`
+/// reject an unknown template name at evaluation time.
+pub fn build_engine(templates: Option<Arc<HashSet<String>>>) -> Engine {
+    let mut engine = Engine::new();
+    engine
+        .set_max_operations(MAX_OPERATIONS)
+        .set_max_call_levels(MAX_CALL_LEVELS)
+        .set_max_expr_depths(64, 32)
+        .set_max_string_size(MAX_STRING_SIZE)
+        .set_max_array_size(MAX_ARRAY_SIZE)
+        .set_max_map_size(MAX_MAP_SIZE)
+        .set_max_variables(1_000)
+        .set_max_functions(200)
+        .set_max_modules(0)
+        .set_strict_variables(true)
+        .set_fail_on_invalid_map_property(false);
+    engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+    engine.disable_symbol("eval");
+    engine.disable_symbol("import");
+    engine.on_print(|s| {
+        let (rule, customer) = current_names();
+        tracing::info!(rule, customer, "rule printed: {s}");
+    });
+    engine.on_debug(|s, _src, pos| {
+        let (rule, customer) = current_names();
+        tracing::debug!(rule, customer, line = pos.line(), "rule debug: {s}");
+    });
+    value::register_timestamp(&mut engine);
+    api::register(&mut engine, templates);
+    engine
+}
+
+fn current_names() -> (String, String) {
+    CONTEXT.with(|c| {
+        c.borrow()
+            .as_ref()
+            .map(|ctx| (ctx.rule.clone(), ctx.facts.customer.id.to_string()))
+            .unwrap_or_default()
+    })
+}
+
+/// Compile errors of a rules directory, each located.
+pub type CompileErrors = Vec<RuleError>;
+
+impl RuleSet {
+    /// Compiles every `*.rhai` file in `dir` (sorted by name). Rules that do
+    /// not compile are left out and reported; the others are usable.
+    pub fn load(dir: &Path, templates: Option<Arc<HashSet<String>>>) -> (Self, CompileErrors) {
+        let engine = build_engine(templates);
+        let mut rules = Vec::new();
+        let mut errors = Vec::new();
+        let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "rhai"))
+                .collect(),
+            Err(e) => {
+                errors.push(RuleError {
+                    path: dir.to_owned(),
+                    line: 0,
+                    col: 0,
+                    message: format!("cannot read the rules directory: {e}"),
+                });
+                Vec::new()
+            }
+        };
+        paths.sort();
+        for path in paths {
+            match std::fs::read_to_string(&path) {
+                Ok(source) => match compile(&engine, &path, &source) {
+                    Ok(rule) => rules.push(rule),
+                    Err(e) => errors.push(e),
+                },
+                Err(e) => errors.push(RuleError {
+                    path: path.clone(),
+                    line: 0,
+                    col: 0,
+                    message: format!("cannot read: {e}"),
+                }),
+            }
+        }
+        (Self { engine, rules }, errors)
+    }
+
+    /// A rule set from in-memory sources `(id, source)`; for tests and fixtures.
+    pub fn from_sources(
+        sources: &[(&str, &str)],
+        templates: Option<Arc<HashSet<String>>>,
+    ) -> Result<Self, RuleError> {
+        let engine = build_engine(templates);
+        let rules = sources
+            .iter()
+            .map(|(id, src)| compile(&engine, &PathBuf::from(format!("rules/{id}.rhai")), src))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { engine, rules })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Keeps only the named rules (a schedule's subset).
+    pub fn retain(&mut self, ids: &[String]) {
+        self.rules.retain(|r| ids.contains(&r.id));
+    }
+
+    /// Evaluates one rule for one customer.
+    pub fn evaluate(
+        &self,
+        rule: &Rule,
+        facts: &Arc<Facts>,
+        customer_value: &Dynamic,
+    ) -> Result<Vec<PlannedAction>, RuleError> {
+        let guard = ContextGuard::install(Arc::clone(facts), &rule.id);
+        let mut scope = Scope::new();
+        scope.push("customer", customer_value.clone());
+        scope.push("now", Timestamp(facts.now));
+        let result = self.engine.run_ast_with_scope(&mut scope, &rule.ast);
+        let planned = guard.take_planned();
+        drop(guard);
+        match result {
+            Ok(()) => Ok(planned
+                .into_iter()
+                .map(|kind| PlannedAction {
+                    rule: rule.id.clone(),
+                    customer_id: facts.customer.id.clone(),
+                    kind,
+                })
+                .collect()),
+            Err(e) => Err(runtime_error(&rule.path, &e)),
+        }
+    }
+
+    /// Evaluates every rule for one customer; one result per rule, in rule order.
+    pub fn evaluate_all(&self, facts: &Arc<Facts>) -> Vec<Result<Vec<PlannedAction>, RuleError>> {
+        let customer = value::customer_to_dynamic(facts);
+        self.rules
+            .iter()
+            .map(|rule| self.evaluate(rule, facts, &customer))
+            .collect()
+    }
+
+    /// The customer map rules see (for `explain`).
+    pub fn customer_value(facts: &Facts) -> Dynamic {
+        value::customer_to_dynamic(facts)
+    }
+}
+
+fn compile(engine: &Engine, path: &Path, source: &str) -> Result<Rule, RuleError> {
+    let id = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ast = engine
+        .compile_with_scope(&base_scope(), source)
+        .map_err(|e| located(path, e.1, e.0.to_string()))?;
+    Ok(Rule {
+        id,
+        path: path.to_owned(),
+        ast,
+    })
+}
+
+fn located(path: &Path, pos: Position, message: String) -> RuleError {
+    RuleError {
+        path: path.to_owned(),
+        line: pos.line().unwrap_or(0),
+        col: pos.position().unwrap_or(0),
+        message,
+    }
+}
+
+/// Turns a Rhai runtime error into a located message with a hint for the
+/// limits a rule author is most likely to hit.
+fn runtime_error(path: &Path, err: &EvalAltResult) -> RuleError {
+    let inner = err.unwrap_inner();
+    let pos = if inner.position().is_none() {
+        err.position()
+    } else {
+        inner.position()
+    };
+    let message = match inner {
+        EvalAltResult::ErrorTooManyOperations(..) => {
+            format!("stopped after {MAX_OPERATIONS} operations (an endless loop?)")
+        }
+        EvalAltResult::ErrorDataTooLarge(what, ..) => format!(
+            "{what} grew past the limit (strings {MAX_STRING_SIZE} bytes, arrays {MAX_ARRAY_SIZE} items, maps {MAX_MAP_SIZE} entries)"
+        ),
+        EvalAltResult::ErrorStackOverflow(..) => {
+            format!("calls nested deeper than {MAX_CALL_LEVELS} levels (endless recursion?)")
+        }
+        EvalAltResult::ErrorRuntime(value, _) => value.to_string(),
+        other => strip_position(&other.to_string()),
+    };
+    located(path, pos, message)
+}
+
+/// Rhai appends " (line N, position M)" to messages; we print positions ourselves.
+fn strip_position(s: &str) -> String {
+    match s.rfind(" (line ") {
+        Some(i) if s.ends_with(')') => s[..i].to_owned(),
+        _ => s.to_owned(),
+    }
+}
+
+/// Evaluation time helper for callers building facts.
+pub fn now_value(now: DateTime<Utc>) -> Dynamic {
+    Dynamic::from(Timestamp(now))
+}

@@ -1,0 +1,139 @@
+//! Values crossing between Rust and Rhai: the `Timestamp` type rules see for
+//! `now` and event times, JSON ↔ Dynamic, and the `customer` map.
+
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
+use rhai::{Array, Dynamic, Engine, Map};
+use serde_json::Value;
+
+use crate::facts::{Facts, whole_days};
+
+/// A point in time (UTC) as rules see it. Prints as RFC 3339; compares with
+/// `<`, `==`…; has `.year .month .day .hour .minute .weekday .unix`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub DateTime<Utc>);
+
+impl Timestamp {
+    pub fn rfc3339(&self) -> String {
+        self.0.to_rfc3339_opts(SecondsFormat::Secs, true)
+    }
+}
+
+pub(super) fn register_timestamp(engine: &mut Engine) {
+    engine
+        .register_type_with_name::<Timestamp>("Timestamp")
+        .register_fn("to_string", |t: &mut Timestamp| t.rfc3339())
+        .register_fn("to_debug", |t: &mut Timestamp| t.rfc3339())
+        .register_get("year", |t: &mut Timestamp| i64::from(t.0.year()))
+        .register_get("month", |t: &mut Timestamp| i64::from(t.0.month()))
+        .register_get("day", |t: &mut Timestamp| i64::from(t.0.day()))
+        .register_get("hour", |t: &mut Timestamp| i64::from(t.0.hour()))
+        .register_get("minute", |t: &mut Timestamp| i64::from(t.0.minute()))
+        // ISO weekday: 1 = Monday … 7 = Sunday.
+        .register_get("weekday", |t: &mut Timestamp| {
+            i64::from(t.0.weekday().number_from_monday())
+        })
+        .register_get("unix", |t: &mut Timestamp| t.0.timestamp())
+        .register_fn("days_between", |a: Timestamp, b: Timestamp| {
+            whole_days(a.0, b.0)
+        })
+        .register_fn("==", |a: Timestamp, b: Timestamp| a == b)
+        .register_fn("!=", |a: Timestamp, b: Timestamp| a != b)
+        .register_fn("<", |a: Timestamp, b: Timestamp| a < b)
+        .register_fn("<=", |a: Timestamp, b: Timestamp| a <= b)
+        .register_fn(">", |a: Timestamp, b: Timestamp| a > b)
+        .register_fn(">=", |a: Timestamp, b: Timestamp| a >= b);
+}
+
+/// JSON → Rhai. Integers stay integers; other numbers become floats.
+pub fn json_to_dynamic(v: &Value) -> Dynamic {
+    match v {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from_bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from_int(i),
+            None => Dynamic::from_float(n.as_f64().unwrap_or_default()),
+        },
+        Value::String(s) => Dynamic::from(s.clone()),
+        Value::Array(a) => Dynamic::from_array(a.iter().map(json_to_dynamic).collect()),
+        Value::Object(o) => Dynamic::from_map(
+            o.iter()
+                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// Rhai → JSON. Timestamps become RFC 3339 strings; anything else unknown
+/// becomes its printed form.
+pub fn dynamic_to_json(d: &Dynamic) -> Value {
+    if d.is_unit() {
+        Value::Null
+    } else if let Some(b) = d.clone().try_cast::<bool>() {
+        Value::Bool(b)
+    } else if let Some(i) = d.clone().try_cast::<i64>() {
+        Value::from(i)
+    } else if let Some(f) = d.clone().try_cast::<f64>() {
+        serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+    } else if d.is_string() || d.is_char() {
+        Value::String(d.to_string())
+    } else if d.is_array() {
+        let a = d
+            .read_lock::<Array>()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        Value::Array(a.iter().map(dynamic_to_json).collect())
+    } else if d.is_map() {
+        let m = d.read_lock::<Map>().map(|m| m.clone()).unwrap_or_default();
+        Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.to_string(), dynamic_to_json(v)))
+                .collect(),
+        )
+    } else if let Some(t) = d.clone().try_cast::<Timestamp>() {
+        Value::String(t.rfc3339())
+    } else {
+        Value::String(d.to_string())
+    }
+}
+
+fn opt_string(s: Option<&str>) -> Dynamic {
+    s.map_or(Dynamic::UNIT, |s| Dynamic::from(s.to_owned()))
+}
+
+/// The `customer` map rules see.
+pub(super) fn customer_to_dynamic(facts: &Facts) -> Dynamic {
+    let c = &facts.customer;
+    let mut m = Map::new();
+    m.insert("id".into(), Dynamic::from(c.id.to_string()));
+    m.insert(
+        "email".into(),
+        opt_string(c.email.as_ref().map(|e| e.as_str())),
+    );
+    m.insert("name".into(), opt_string(c.name.as_deref()));
+    m.insert(
+        "created_at".into(),
+        c.created_at
+            .map_or(Dynamic::UNIT, |t| Dynamic::from(Timestamp(t))),
+    );
+    m.insert("timezone".into(), opt_string(c.timezone.as_deref()));
+    m.insert("model".into(), Dynamic::from(c.model.as_str().to_owned()));
+    m.insert(
+        "owner".into(),
+        opt_string(c.owner.as_ref().map(|e| e.as_str())),
+    );
+    m.insert(
+        "traits".into(),
+        json_to_dynamic(&Value::Object(c.traits.clone())),
+    );
+    m.insert(
+        "tags".into(),
+        Dynamic::from_array(
+            facts
+                .tags
+                .iter()
+                .map(|t| Dynamic::from(t.clone()))
+                .collect(),
+        ),
+    );
+    Dynamic::from_map(m)
+}

@@ -1,0 +1,355 @@
+//! Importing customers (CSV) and events (Segment JSON lines).
+//!
+//! Files are streamed: a blocking reader thread parses lines into batches and
+//! hands them through a bounded channel to the store, one transaction per
+//! batch, so a million events never sit in memory at once. A bad row is
+//! reported with its line number and the good rows around it are kept.
+
+pub mod segment;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use crate::domain::{CustomerId, CustomerPatch, Event};
+use crate::store::{Store, StoreError, Upsert};
+use segment::{Message, patch_from_traits};
+
+/// Rows per store transaction.
+const BATCH: usize = 5_000;
+/// Longest accepted JSON line / CSV field.
+const MAX_LINE_BYTES: usize = 1024 * 1024;
+/// Problems kept in the report (the counts stay exact beyond it).
+const MAX_REPORTED: usize = 1_000;
+
+/// A problem with one line of an input file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LineProblem {
+    pub line: u64,
+    pub message: String,
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ImportReport {
+    pub file: PathBuf,
+    pub imported: u64,
+    pub updated: u64,
+    pub duplicate: u64,
+    pub ignored: u64,
+    pub rejected: u64,
+    pub errors: Vec<LineProblem>,
+    pub warnings: Vec<LineProblem>,
+}
+
+impl ImportReport {
+    fn reject(&mut self, line: u64, message: String) {
+        self.rejected += 1;
+        if self.errors.len() < MAX_REPORTED {
+            self.errors.push(LineProblem { line, message });
+        }
+    }
+
+    fn warn(&mut self, line: u64, message: String) {
+        if self.warnings.len() < MAX_REPORTED {
+            self.warnings.push(LineProblem { line, message });
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    BadFile { path: PathBuf, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One batch from the reader thread.
+#[derive(Default)]
+struct Batch {
+    customers: Vec<(u64, CustomerPatch)>,
+    events: Vec<Event>,
+    errors: Vec<(u64, String)>,
+    warnings: Vec<(u64, String)>,
+    ignored: u64,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.customers.len() + self.events.len()
+    }
+}
+
+/// Applies batches from the reader to the store and tallies the report.
+async fn apply(
+    store: &dyn Store,
+    mut rx: mpsc::Receiver<Batch>,
+    report: &mut ImportReport,
+) -> Result<(), StoreError> {
+    while let Some(batch) = rx.recv().await {
+        for (line, message) in batch.errors {
+            report.reject(line, message);
+        }
+        for (line, message) in batch.warnings {
+            report.warn(line, message);
+        }
+        report.ignored += batch.ignored;
+        if !batch.customers.is_empty() {
+            let patches: Vec<CustomerPatch> =
+                batch.customers.iter().map(|(_, p)| p.clone()).collect();
+            for outcome in store.upsert_customers(&patches).await? {
+                match outcome {
+                    Upsert::Inserted => report.imported += 1,
+                    Upsert::Updated => report.updated += 1,
+                }
+            }
+        }
+        if !batch.events.is_empty() {
+            let counts = store.insert_events(&batch.events).await?;
+            report.imported += counts.inserted as u64;
+            report.duplicate += counts.duplicates as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Imports customers from a CSV file with a header row. Columns `id` and
+/// `email` are required; `name, created_at, timezone, model, owner` map onto
+/// the customer; any other column becomes a trait. Re-importing updates.
+pub async fn import_customers(
+    store: Arc<dyn Store>,
+    path: &Path,
+) -> Result<ImportReport, IngestError> {
+    let file = std::fs::File::open(path).map_err(|source| IngestError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(false)
+        .trim(csv::Trim::All)
+        .from_reader(BufReader::new(file));
+    let headers: Vec<String> = reader
+        .byte_headers()
+        .map_err(|e| IngestError::BadFile {
+            path: path.to_owned(),
+            message: format!("cannot read the header row: {e}"),
+        })?
+        .iter()
+        .map(|h| String::from_utf8_lossy(h).trim().to_ascii_lowercase())
+        .collect();
+    for required in ["id", "email"] {
+        if !headers.iter().any(|h| h == required) {
+            return Err(IngestError::BadFile {
+                path: path.to_owned(),
+                message: format!(
+                    "the header row has no {required:?} column (found: {})",
+                    headers.join(",")
+                ),
+            });
+        }
+    }
+
+    let (tx, rx) = mpsc::channel::<Batch>(4);
+    let reader_task = tokio::task::spawn_blocking(move || {
+        let mut batch = Batch::default();
+        let mut record = csv::ByteRecord::new();
+        loop {
+            let line = reader.position().line() + 1;
+            match reader.read_byte_record(&mut record) {
+                Ok(false) => break,
+                Ok(true) => {
+                    let line = record.position().map_or(line, |p| p.line());
+                    match customer_row(&headers, &record) {
+                        Ok((patch, warnings)) => {
+                            batch
+                                .warnings
+                                .extend(warnings.into_iter().map(|w| (line, w)));
+                            batch.customers.push((line, patch));
+                        }
+                        Err(message) => batch.errors.push((line, message)),
+                    }
+                }
+                Err(e) => {
+                    let line = e.position().map_or(line, |p| p.line());
+                    batch.errors.push((line, csv_error(&e)));
+                    if !matches!(
+                        e.kind(),
+                        csv::ErrorKind::UnequalLengths { .. } | csv::ErrorKind::Utf8 { .. }
+                    ) {
+                        break;
+                    }
+                }
+            }
+            if batch.len() >= BATCH && tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+                return;
+            }
+        }
+        let _ = tx.blocking_send(batch);
+    });
+    let mut report = ImportReport {
+        file: path.to_owned(),
+        ..Default::default()
+    };
+    apply(&*store, rx, &mut report).await?;
+    let _ = reader_task.await;
+    Ok(report)
+}
+
+fn csv_error(e: &csv::Error) -> String {
+    match e.kind() {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => format!("expected {expected_len} fields like the header row, found {len}"),
+        csv::ErrorKind::Utf8 { .. } => "the row is not valid UTF-8".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// One CSV row → a customer patch (and warnings).
+fn customer_row(
+    headers: &[String],
+    record: &csv::ByteRecord,
+) -> Result<(CustomerPatch, Vec<String>), String> {
+    let mut fields = Map::new();
+    let mut id = None;
+    for (h, raw) in headers.iter().zip(record.iter()) {
+        if raw.len() > MAX_LINE_BYTES / 4 {
+            return Err(format!(
+                "column {h:?} is longer than {} bytes",
+                MAX_LINE_BYTES / 4
+            ));
+        }
+        let value = std::str::from_utf8(raw)
+            .map_err(|_| format!("column {h:?} is not valid UTF-8"))?
+            .trim();
+        if h == "id" {
+            id = Some(value.to_owned());
+            continue;
+        }
+        if value.is_empty() || h.is_empty() {
+            continue;
+        }
+        let known = matches!(
+            h.as_str(),
+            "email" | "name" | "created_at" | "timezone" | "model" | "owner"
+        );
+        fields.insert(
+            h.clone(),
+            if known {
+                Value::String(value.to_owned())
+            } else {
+                typed_trait(value)
+            },
+        );
+    }
+    let id =
+        CustomerId::parse(id.as_deref().unwrap_or_default()).map_err(|e| format!("id: {e}"))?;
+    if !fields.contains_key("email") {
+        return Err("email is required".into());
+    }
+    patch_from_traits(id, fields)
+}
+
+/// Trait values from CSV: numbers and booleans become typed, the rest stays text.
+fn typed_trait(s: &str) -> Value {
+    if let Ok(i) = s.parse::<i64>() {
+        Value::from(i)
+    } else if let Ok(f) = s.parse::<f64>()
+        && f.is_finite()
+    {
+        Value::from(f)
+    } else if s == "true" || s == "false" {
+        Value::Bool(s == "true")
+    } else {
+        Value::String(s.to_owned())
+    }
+}
+
+/// Imports Segment-spec messages, one JSON object per line. `track` messages
+/// become events (a repeated `messageId` is ignored); `identify` messages
+/// create or update customers. Events for customers not imported yet are kept.
+pub async fn import_events(
+    store: Arc<dyn Store>,
+    path: &Path,
+) -> Result<ImportReport, IngestError> {
+    let file = std::fs::File::open(path).map_err(|source| IngestError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let (tx, rx) = mpsc::channel::<Batch>(4);
+    let received_at = Utc::now();
+    let reader_task = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let mut buf = Vec::with_capacity(4096);
+        let mut batch = Batch::default();
+        let mut line_no = 0u64;
+        loop {
+            buf.clear();
+            let n = reader.read_until(b'\n', &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            line_no += 1;
+            let text = buf.trim_ascii();
+            if text.is_empty() {
+                continue;
+            }
+            if text.len() > MAX_LINE_BYTES {
+                batch.errors.push((
+                    line_no,
+                    format!("line is longer than {MAX_LINE_BYTES} bytes"),
+                ));
+            } else {
+                match parse_line(text, received_at) {
+                    Ok(Message::Track(e)) => batch.events.push(e),
+                    Ok(Message::Identify { patch, warnings }) => {
+                        batch
+                            .warnings
+                            .extend(warnings.into_iter().map(|w| (line_no, w)));
+                        batch.customers.push((line_no, patch));
+                    }
+                    Ok(Message::Ignored(_)) => batch.ignored += 1,
+                    Err(message) => batch.errors.push((line_no, message)),
+                }
+            }
+            if batch.len() >= BATCH && tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+                return Ok(());
+            }
+        }
+        let _ = tx.blocking_send(batch);
+        Ok(())
+    });
+    let mut report = ImportReport {
+        file: path.to_owned(),
+        ..Default::default()
+    };
+    apply(&*store, rx, &mut report).await?;
+    match reader_task.await {
+        Ok(Ok(())) => Ok(report),
+        Ok(Err(source)) => Err(IngestError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+        Err(e) => Err(IngestError::BadFile {
+            path: path.to_owned(),
+            message: format!("reader stopped: {e}"),
+        }),
+    }
+}
+
+fn parse_line(text: &[u8], received_at: chrono::DateTime<Utc>) -> Result<Message, String> {
+    let text = std::str::from_utf8(text).map_err(|_| "the line is not valid UTF-8".to_owned())?;
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    segment::parse_message(&v, received_at)
+}

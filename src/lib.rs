@@ -1,0 +1,34 @@
+//! engaged: customer-engagement automation with rules as code.
+//!
+//! # Layout
+//! Data flows one way, and the modules follow it:
+//!
+//! ```text
+//! ingest (csv, jsonl) → store → facts → engine (Rhai rules) → plan/policy → outbox → deliver (smtp, file, webhook)
+//! ```
+//!
+//! - [`domain`]: ids, email addresses, customers and events, parsed once at the edge.
+//! - [`config`]: typed, strict settings with working defaults and `ENGAGED_*` overrides.
+//! - [`ingest`]: CSV and Segment JSON-lines parsing (pure) and streaming import.
+//! - [`store`]: the `Store` trait and its SQLite implementation.
+//! - [`facts`]: a customer's events as of `now`, and the questions rules ask of them.
+//! - [`engine`]: the locked-down Rhai engine; evaluates rules into planned actions, no I/O.
+//! - [`plan`]: planned actions, outbox payloads and dedup keys (pure).
+//! - [`templates`]: MiniJinja templates with front matter; rendering is pure once loaded.
+//! - [`deliver`]: the only code that talks SMTP/HTTP; `deliver_one` and a loop around it.
+//! - [`pipeline`]: one evaluation run: evaluate → plan → commit → deliver.
+//! - [`cli`]: command-line parsing and output; no business logic.
+
+pub mod cli;
+pub mod config;
+pub mod deliver;
+pub mod demo_data;
+pub mod domain;
+pub mod engine;
+pub mod facts;
+pub mod ingest;
+pub mod pipeline;
+pub mod plan;
+pub mod store;
+pub mod templates;
+pub mod unsubscribe;

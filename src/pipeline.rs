@@ -1,0 +1,457 @@
+//! One evaluation run: page through customers, evaluate every rule for each
+//! (in parallel on all cores), turn what the rules asked for into outbox rows,
+//! commit them with the run's record in one transaction, then deliver.
+//!
+//! Because the plan is committed before delivery starts, a crash after
+//! planning loses nothing: the next run (or the daemon) delivers what is
+//! pending, and dedup keys make re-planning harmless.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::deliver::{Deliverer, DeliveryReport};
+use crate::domain::{CustomerId, Email, Event};
+use crate::engine::RuleSet;
+use crate::facts::Facts;
+use crate::plan::{
+    ActionRequest, EmailPayload, EscalationPayload, OutboxKind, PlannedAction, WebhookPayload,
+    dedup_key,
+};
+use crate::store::{NewAction, NewEscalation, PlanCommit, RuleErrorRecord, Store, StoreError};
+
+/// Customers evaluated per page.
+const PAGE: usize = 2_000;
+/// Rule errors kept in a summary (all are stored with the run).
+const MAX_ERRORS_IN_SUMMARY: usize = 50;
+
+/// Per-rule counts in a run summary.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RuleSummary {
+    pub planned: usize,
+    pub deduplicated: usize,
+    pub errors: usize,
+    pub emails: usize,
+    pub escalations: usize,
+    pub tags: usize,
+    pub webhooks: usize,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunSummary {
+    pub run_id: Option<i64>,
+    pub dry_run: bool,
+    pub now: DateTime<Utc>,
+    pub customers: u64,
+    pub evaluations: u64,
+    pub evaluation_seconds: f64,
+    pub rules: BTreeMap<String, RuleSummary>,
+    pub errors: Vec<RuleErrorRecord>,
+    pub delivery: DeliveryReport,
+    /// For `--dry-run`: what would happen (capped list).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub would: Vec<WouldDo>,
+}
+
+/// One line of a dry run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WouldDo {
+    pub customer_id: String,
+    pub rule: String,
+    pub action: String,
+    pub deduplicated: bool,
+}
+
+/// Something ready for the store: an outbox row or an escalation.
+#[derive(Clone, Debug)]
+pub enum Outgoing {
+    Action(NewAction),
+    Escalation(NewEscalation),
+}
+
+impl Outgoing {
+    fn rule(&self) -> &str {
+        match self {
+            Self::Action(a) => &a.rule,
+            Self::Escalation(e) => &e.rule,
+        }
+    }
+}
+
+/// Everything evaluation produced.
+#[derive(Debug, Default)]
+pub struct Evaluation {
+    pub customers: u64,
+    pub evaluations: u64,
+    pub outgoing: Vec<Outgoing>,
+    pub errors: Vec<RuleErrorRecord>,
+    pub seconds: f64,
+}
+
+/// Turns one planned action into what the store keeps. Pure.
+pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) -> Outgoing {
+    let customer = facts.customer.clone();
+    let key = dedup_key(&action);
+    let PlannedAction {
+        rule,
+        customer_id,
+        kind,
+    } = action;
+    let action = |kind: OutboxKind, payload: Value| {
+        Outgoing::Action(NewAction {
+            customer_id: customer_id.clone(),
+            rule: rule.clone(),
+            kind,
+            dedup_key: key.clone().unwrap_or_default(),
+            payload,
+        })
+    };
+    match kind {
+        ActionRequest::Email {
+            template,
+            key: k,
+            vars,
+        } => action(
+            OutboxKind::Email,
+            serde_json::to_value(EmailPayload {
+                template,
+                key: k,
+                vars,
+                customer,
+            })
+            .unwrap_or(Value::Null),
+        ),
+        ActionRequest::Tag { name } => action(OutboxKind::Tag, json!({ "name": name })),
+        ActionRequest::Webhook { name, payload } => action(
+            OutboxKind::Webhook,
+            serde_json::to_value(WebhookPayload {
+                name,
+                rule: rule.clone(),
+                customer_id: customer_id.clone(),
+                payload,
+            })
+            .unwrap_or(Value::Null),
+        ),
+        ActionRequest::Escalate { reason } => {
+            let owner = customer
+                .owner
+                .clone()
+                .unwrap_or_else(|| default_owner.clone());
+            let notice = serde_json::to_value(EscalationPayload {
+                escalation_id: 0,
+                rule: rule.clone(),
+                reason: reason.clone(),
+                owner: owner.clone(),
+                customer,
+                facts: facts.summary(),
+            })
+            .unwrap_or(Value::Null);
+            Outgoing::Escalation(NewEscalation {
+                customer_id,
+                rule,
+                reason,
+                owner: owner.to_string(),
+                notice,
+            })
+        }
+    }
+}
+
+/// Groups events (sorted by customer) per customer.
+fn group_events(events: Vec<Event>) -> HashMap<CustomerId, Vec<Event>> {
+    let mut map: HashMap<CustomerId, Vec<Event>> = HashMap::new();
+    for e in events {
+        map.entry(e.customer_id.clone()).or_default().push(e);
+    }
+    map
+}
+
+/// Loads the facts of one page of customers.
+async fn load_page(
+    store: &dyn Store,
+    after: Option<&CustomerId>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Facts>, StoreError> {
+    let customers = store.customers_page(after, PAGE).await?;
+    let (Some(first), Some(last)) = (customers.first(), customers.last()) else {
+        return Ok(Vec::new());
+    };
+    let mut events = group_events(store.events_in_id_range(&first.id, &last.id, now).await?);
+    let mut tags: HashMap<CustomerId, Vec<String>> = HashMap::new();
+    for (id, tag) in store.tags_in_id_range(&first.id, &last.id).await? {
+        tags.entry(id).or_default().push(tag);
+    }
+    Ok(customers
+        .into_iter()
+        .map(|c| {
+            let ev = events.remove(&c.id).unwrap_or_default();
+            let t = tags.remove(&c.id).unwrap_or_default();
+            Facts::new(c, ev, t, now)
+        })
+        .collect())
+}
+
+/// Evaluates every rule for every customer as of `now`. Rule errors are
+/// collected, never fatal.
+pub async fn evaluate(
+    store: &dyn Store,
+    rules: Arc<RuleSet>,
+    now: DateTime<Utc>,
+    default_owner: &Email,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<Evaluation, StoreError> {
+    let started = Instant::now();
+    let mut out = Evaluation::default();
+    let mut after: Option<CustomerId> = None;
+    let mut page = load_page(store, None, now).await?;
+    while !page.is_empty() {
+        after = page.last().map(|f| f.customer.id.clone()).or(after);
+        let rules_for_page = Arc::clone(&rules);
+        let owner = default_owner.clone();
+        // Evaluate this page on the rayon pool while the next page loads.
+        let evaluating = tokio::task::spawn_blocking(move || {
+            let results: Vec<(Vec<Outgoing>, Vec<RuleErrorRecord>)> = page
+                .into_par_iter()
+                .map(|facts| {
+                    let facts = Arc::new(facts);
+                    let mut outgoing = Vec::new();
+                    let mut errors = Vec::new();
+                    for (rule, result) in rules_for_page
+                        .rules()
+                        .iter()
+                        .zip(rules_for_page.evaluate_all(&facts))
+                    {
+                        match result {
+                            Ok(actions) => outgoing.extend(
+                                actions.into_iter().map(|a| to_outgoing(a, &facts, &owner)),
+                            ),
+                            Err(e) => errors.push(RuleErrorRecord {
+                                rule: rule.id.clone(),
+                                customer_id: facts.customer.id.clone(),
+                                message: e.to_string(),
+                            }),
+                        }
+                    }
+                    (outgoing, errors)
+                })
+                .collect();
+            results
+        });
+        let next = load_page(store, after.as_ref(), now).await?;
+        let results = evaluating.await.map_err(|e| StoreError::Corrupt {
+            table: "evaluation",
+            message: format!("evaluation task failed: {e}"),
+        })?;
+        let n = results.len() as u64;
+        out.customers += n;
+        out.evaluations += n * rules.rules().len() as u64;
+        for (o, e) in results {
+            out.outgoing.extend(o);
+            out.errors.extend(e);
+        }
+        if let Some(p) = progress {
+            p.inc(n);
+        }
+        page = next;
+    }
+    out.seconds = started.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+fn kind_label(o: &Outgoing) -> (&'static str, String) {
+    match o {
+        Outgoing::Escalation(e) => ("escalation", format!("escalate: {}", e.reason)),
+        Outgoing::Action(a) => match a.kind {
+            OutboxKind::Email => (
+                "email",
+                format!(
+                    "email {} (key {})",
+                    a.payload["template"].as_str().unwrap_or("?"),
+                    a.payload["key"].as_str().unwrap_or("?")
+                ),
+            ),
+            OutboxKind::Tag => (
+                "tag",
+                format!("tag {}", a.payload["name"].as_str().unwrap_or("?")),
+            ),
+            OutboxKind::Webhook => (
+                "webhook",
+                format!("webhook {}", a.payload["name"].as_str().unwrap_or("?")),
+            ),
+            OutboxKind::EscalationNotice => ("escalation", "escalation notice".into()),
+        },
+    }
+}
+
+fn tally(rules: &RuleSet, eval: &Evaluation) -> BTreeMap<String, RuleSummary> {
+    let mut per_rule: BTreeMap<String, RuleSummary> = rules
+        .rules()
+        .iter()
+        .map(|r| (r.id.clone(), RuleSummary::default()))
+        .collect();
+    for o in &eval.outgoing {
+        let s = per_rule.entry(o.rule().to_owned()).or_default();
+        match kind_label(o).0 {
+            "email" => s.emails += 1,
+            "escalation" => s.escalations += 1,
+            "tag" => s.tags += 1,
+            _ => s.webhooks += 1,
+        }
+    }
+    for e in &eval.errors {
+        per_rule.entry(e.rule.clone()).or_default().errors += 1;
+    }
+    per_rule
+}
+
+/// Options for one run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub now: DateTime<Utc>,
+    pub dry_run: bool,
+    pub trigger: String,
+    /// How long to keep retrying transient delivery failures.
+    pub retry_window: Duration,
+}
+
+/// Evaluates, plans and (unless dry) commits and delivers.
+pub async fn run(
+    store: Arc<dyn Store>,
+    rules: Arc<RuleSet>,
+    deliverer: Option<&Deliverer>,
+    default_owner: &Email,
+    opts: &RunOptions,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<RunSummary, StoreError> {
+    let started_at = Utc::now();
+    let eval = evaluate(
+        &*store,
+        Arc::clone(&rules),
+        opts.now,
+        default_owner,
+        progress,
+    )
+    .await?;
+    let mut summary = RunSummary {
+        dry_run: opts.dry_run,
+        now: opts.now,
+        customers: eval.customers,
+        evaluations: eval.evaluations,
+        evaluation_seconds: eval.seconds,
+        rules: tally(&rules, &eval),
+        errors: eval
+            .errors
+            .iter()
+            .take(MAX_ERRORS_IN_SUMMARY)
+            .cloned()
+            .collect(),
+        ..Default::default()
+    };
+
+    if opts.dry_run {
+        mark_dry_run_duplicates(&*store, &eval, &mut summary).await?;
+        return Ok(summary);
+    }
+
+    let mut commit = PlanCommit {
+        trigger: opts.trigger.clone(),
+        now: opts.now,
+        started_at,
+        errors: eval.errors,
+        summary: serde_json::to_value(&summary).unwrap_or(Value::Null),
+        ..Default::default()
+    };
+    for o in eval.outgoing {
+        match o {
+            Outgoing::Action(a) => commit.actions.push(a),
+            Outgoing::Escalation(e) => commit.escalations.push(e),
+        }
+    }
+    let outcome = store.commit_plan(commit).await?;
+    summary.run_id = Some(outcome.run_id);
+    for (rule, counts) in &outcome.per_rule {
+        let s = summary.rules.entry(rule.clone()).or_default();
+        s.planned = counts.planned;
+        s.deduplicated = counts.deduplicated;
+    }
+    tracing::info!(
+        run = outcome.run_id,
+        customers = summary.customers,
+        "Run planned; delivering."
+    );
+    if let Some(d) = deliverer {
+        summary.delivery = d.drain(opts.retry_window).await?;
+    }
+    let status = if summary.delivery.retrying > 0 {
+        "delivered_with_retries_pending"
+    } else {
+        "completed"
+    };
+    store
+        .finish_run(
+            outcome.run_id,
+            status,
+            &serde_json::to_value(&summary).unwrap_or(Value::Null),
+        )
+        .await?;
+    Ok(summary)
+}
+
+/// Fills `planned` / `deduplicated` and the action list for a dry run,
+/// reading (never writing) the ledger.
+async fn mark_dry_run_duplicates(
+    store: &dyn Store,
+    eval: &Evaluation,
+    summary: &mut RunSummary,
+) -> Result<(), StoreError> {
+    let keys: Vec<String> = eval
+        .outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Action(a) => Some(a.dedup_key.clone()),
+            Outgoing::Escalation(_) => None,
+        })
+        .collect();
+    let existing = store.existing_dedup_keys(&keys).await?;
+    let pairs: Vec<(CustomerId, String)> = eval
+        .outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Escalation(e) => Some((e.customer_id.clone(), e.rule.clone())),
+            Outgoing::Action(_) => None,
+        })
+        .collect();
+    let open = store.open_escalation_pairs(&pairs).await?;
+    let mut seen = std::collections::HashSet::new();
+    for o in &eval.outgoing {
+        let (dup, customer) = match o {
+            Outgoing::Action(a) => (
+                existing.contains(&a.dedup_key) || !seen.insert(a.dedup_key.clone()),
+                &a.customer_id,
+            ),
+            Outgoing::Escalation(e) => (
+                open.contains(&(e.customer_id.clone(), e.rule.clone())),
+                &e.customer_id,
+            ),
+        };
+        let s = summary.rules.entry(o.rule().to_owned()).or_default();
+        if dup {
+            s.deduplicated += 1;
+        } else {
+            s.planned += 1;
+        }
+        summary.would.push(WouldDo {
+            customer_id: customer.to_string(),
+            rule: o.rule().to_owned(),
+            action: kind_label(o).1,
+            deduplicated: dup,
+        });
+    }
+    Ok(())
+}

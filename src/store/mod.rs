@@ -1,0 +1,328 @@
+//! Storage behind one trait. `sqlite.rs` is the embedded default; a
+//! PostgreSQL implementation plugs in behind the same trait, and both must
+//! pass the same conformance suite (`tests/store_conformance.rs`).
+//!
+//! Times cross this boundary as `DateTime<Utc>` and are stored as Unix
+//! milliseconds, which both databases index and compare cheaply.
+
+mod sqlite;
+
+use std::collections::{BTreeMap, HashSet};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::domain::{Customer, CustomerId, CustomerPatch, Event};
+use crate::plan::OutboxKind;
+
+pub use sqlite::SqliteStore;
+
+/// Errors from storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt row in {table}: {message}")]
+    Corrupt {
+        table: &'static str,
+        message: String,
+    },
+    #[error(
+        "unsupported database url {0:?}; use sqlite://PATH (postgres:// arrives with the scale-out work)"
+    )]
+    UnsupportedUrl(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Outcome of upserting one customer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upsert {
+    Inserted,
+    Updated,
+}
+
+/// Counts from inserting a batch of events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventInsert {
+    pub inserted: usize,
+    pub duplicates: usize,
+}
+
+/// One row for the outbox, produced by planning.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewAction {
+    pub customer_id: CustomerId,
+    pub rule: String,
+    pub kind: OutboxKind,
+    pub dedup_key: String,
+    pub payload: Value,
+}
+
+/// A request to open an escalation (and notify its owner).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEscalation {
+    pub customer_id: CustomerId,
+    pub rule: String,
+    pub reason: String,
+    pub owner: String,
+    /// The notice payload; the store fills in the escalation id.
+    pub notice: Value,
+}
+
+/// A rule error recorded in a run's report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RuleErrorRecord {
+    pub rule: String,
+    pub customer_id: CustomerId,
+    pub message: String,
+}
+
+/// What planning hands to the store in one transaction.
+#[derive(Clone, Debug, Default)]
+pub struct PlanCommit {
+    pub trigger: String,
+    pub now: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+    pub actions: Vec<NewAction>,
+    pub escalations: Vec<NewEscalation>,
+    pub errors: Vec<RuleErrorRecord>,
+    /// The run's summary so far (evaluation counts); stored as JSON.
+    pub summary: Value,
+}
+
+/// Per-rule counts of what committing a plan did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RuleCommitCounts {
+    pub planned: usize,
+    pub deduplicated: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CommitOutcome {
+    pub run_id: i64,
+    pub per_rule: BTreeMap<String, RuleCommitCounts>,
+}
+
+/// An outbox row claimed for delivery.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxItem {
+    pub id: i64,
+    pub run_id: i64,
+    pub customer_id: CustomerId,
+    pub rule: String,
+    pub kind: OutboxKind,
+    pub dedup_key: String,
+    pub payload: Value,
+    /// Including the attempt this claim is for.
+    pub attempts: u32,
+}
+
+/// Delivery state of an outbox row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionStatus {
+    Pending,
+    Sending,
+    Sent,
+    Failed,
+    Dead,
+    Done,
+}
+
+impl ActionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sending => "sending",
+            Self::Sent => "sent",
+            Self::Failed => "failed",
+            Self::Dead => "dead",
+            Self::Done => "done",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "sending" => Self::Sending,
+            "sent" => Self::Sent,
+            "failed" => Self::Failed,
+            "dead" => Self::Dead,
+            "done" => Self::Done,
+            _ => return None,
+        })
+    }
+}
+
+/// How one delivery attempt ended, as the store records it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttemptResult {
+    /// Accepted by the server; `detail` is its reply (or the file written).
+    Sent { detail: String },
+    /// Transient failure: try again at `retry_at`.
+    Retry {
+        error: String,
+        retry_at: DateTime<Utc>,
+    },
+    /// Permanent failure (5xx, render error, bad address).
+    Failed { error: String },
+    /// Transient failures until attempts ran out.
+    Dead { error: String },
+}
+
+/// An outbox row for reports (`explain`, tests).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ActionRecord {
+    pub id: i64,
+    pub run_id: i64,
+    pub customer_id: String,
+    pub rule: String,
+    pub kind: String,
+    pub dedup_key: String,
+    pub status: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub payload: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EscalationRecord {
+    pub id: i64,
+    pub customer_id: String,
+    pub rule: String,
+    pub reason: String,
+    pub owner: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub trigger: String,
+    pub now: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub status: String,
+    pub summary: Value,
+}
+
+/// Outbox counts by status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OutboxCounts {
+    pub pending: u64,
+    pub sending: u64,
+    pub sent: u64,
+    pub failed: u64,
+    pub dead: u64,
+}
+
+/// Everything engaged keeps. Implementations must be safe to share between
+/// tasks and between processes on the same database.
+#[async_trait]
+pub trait Store: Send + Sync {
+    // --- ingest ---
+    /// Inserts or updates each customer; returns one outcome per patch, in order.
+    /// A new customer without an email address is stored without one.
+    async fn upsert_customers(&self, patches: &[CustomerPatch]) -> StoreResult<Vec<Upsert>>;
+    /// Inserts events; a repeated `message_id` is a duplicate and is ignored.
+    async fn insert_events(&self, events: &[Event]) -> StoreResult<EventInsert>;
+
+    // --- read ---
+    async fn customer(&self, id: &CustomerId) -> StoreResult<Option<Customer>>;
+    async fn customer_count(&self) -> StoreResult<u64>;
+    /// Customers ordered by id, strictly after `after`, at most `limit`.
+    async fn customers_page(
+        &self,
+        after: Option<&CustomerId>,
+        limit: usize,
+    ) -> StoreResult<Vec<Customer>>;
+    /// Events of customers with ids in `first..=last`, at or before `until`,
+    /// ordered by customer then time.
+    async fn events_in_id_range(
+        &self,
+        first: &CustomerId,
+        last: &CustomerId,
+        until: DateTime<Utc>,
+    ) -> StoreResult<Vec<Event>>;
+    async fn tags_in_id_range(
+        &self,
+        first: &CustomerId,
+        last: &CustomerId,
+    ) -> StoreResult<Vec<(CustomerId, String)>>;
+    /// Which of these dedup keys already exist in the outbox.
+    async fn existing_dedup_keys(&self, keys: &[String]) -> StoreResult<HashSet<String>>;
+    /// Which of these (customer, rule) pairs have an open escalation.
+    async fn open_escalation_pairs(
+        &self,
+        pairs: &[(CustomerId, String)],
+    ) -> StoreResult<HashSet<(CustomerId, String)>>;
+
+    // --- plan ---
+    /// Records the run and its planned actions in one transaction, before any
+    /// delivery. Actions whose dedup key exists are skipped (deduplicated);
+    /// escalations are opened unless one is open for that customer and rule,
+    /// and each opened escalation enqueues a notice to its owner. Tags are
+    /// applied at once.
+    async fn commit_plan(&self, plan: PlanCommit) -> StoreResult<CommitOutcome>;
+    async fn finish_run(&self, run_id: i64, status: &str, summary: &Value) -> StoreResult<()>;
+    async fn runs(&self, limit: usize) -> StoreResult<Vec<RunRecord>>;
+    async fn run_errors(&self, run_id: i64) -> StoreResult<Vec<RuleErrorRecord>>;
+
+    // --- deliver ---
+    /// Claims up to `limit` actions that are due at `now` (pending, or
+    /// claimed by someone whose lease expired) until `lease_until`.
+    async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> StoreResult<Vec<OutboxItem>>;
+    /// Records how an attempt ended. Only a row still in `sending` changes.
+    async fn record_attempt(
+        &self,
+        id: i64,
+        result: &AttemptResult,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    /// When the next pending action becomes due, if any.
+    async fn next_due_at(&self) -> StoreResult<Option<DateTime<Utc>>>;
+    async fn outbox_counts(&self) -> StoreResult<OutboxCounts>;
+    async fn actions_for_customer(&self, id: &CustomerId) -> StoreResult<Vec<ActionRecord>>;
+    async fn actions_for_run(&self, run_id: i64) -> StoreResult<Vec<ActionRecord>>;
+
+    // --- escalations ---
+    async fn escalations(&self, only_open: bool) -> StoreResult<Vec<EscalationRecord>>;
+    async fn escalations_for_customer(&self, id: &CustomerId)
+    -> StoreResult<Vec<EscalationRecord>>;
+    /// Returns false when there is no open escalation with that id.
+    async fn resolve_escalation(&self, id: i64, at: DateTime<Utc>) -> StoreResult<bool>;
+
+    // --- settings ---
+    /// Returns the stored value for `key`, storing `init` first if there is none.
+    async fn setting_or_init(&self, key: &str, init: &str) -> StoreResult<String>;
+}
+
+/// Opens the store named by a database URL and applies migrations.
+pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(SqliteStore::open(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}
+
+pub(crate) fn to_millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub(crate) fn from_millis(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}

@@ -1,0 +1,660 @@
+//! The embedded SQLite store: WAL, a small pool, `BEGIN IMMEDIATE` for every
+//! transaction that reads before it writes (a deferred transaction would
+//! fail with "database is locked" under concurrent writers, busy timeout or not).
+
+use std::collections::{BTreeMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+
+use super::*;
+use crate::domain::{Customer, CustomerId, CustomerPatch, Email, EngagementModel, Event};
+
+/// Rows per multi-row INSERT (each event binds 6 values; SQLite allows 32766).
+const EVENT_CHUNK: usize = 500;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` and migrates it.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    async fn immediate(&self) -> StoreResult<sqlx::Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn corrupt(table: &'static str, message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        message: message.into(),
+    }
+}
+
+fn json_of(text: &str, table: &'static str) -> StoreResult<Value> {
+    serde_json::from_str(text).map_err(|e| corrupt(table, e.to_string()))
+}
+
+fn customer_from_row(row: &SqliteRow) -> StoreResult<Customer> {
+    let id: String = row.try_get("id")?;
+    let email: Option<String> = row.try_get("email")?;
+    let owner: Option<String> = row.try_get("owner")?;
+    let model: String = row.try_get("model")?;
+    let traits: String = row.try_get("traits")?;
+    let traits = match json_of(&traits, "customers")? {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    Ok(Customer {
+        id: CustomerId::parse(&id).map_err(|e| corrupt("customers", e.to_string()))?,
+        email: email.and_then(|e| Email::parse(&e).ok()),
+        name: row.try_get("name")?,
+        created_at: row
+            .try_get::<Option<i64>, _>("created_at")?
+            .map(from_millis),
+        timezone: row.try_get("timezone")?,
+        model: EngagementModel::parse(&model).unwrap_or_default(),
+        owner: owner.and_then(|o| Email::parse(&o).ok()),
+        traits,
+    })
+}
+
+fn event_from_row(row: &SqliteRow) -> StoreResult<Event> {
+    let customer: String = row.try_get("customer_id")?;
+    let props: String = row.try_get("properties")?;
+    Ok(Event {
+        message_id: row.try_get("message_id")?,
+        customer_id: CustomerId::parse(&customer).map_err(|e| corrupt("events", e.to_string()))?,
+        name: row.try_get("name")?,
+        properties: json_of(&props, "events")?,
+        at: from_millis(row.try_get("at")?),
+    })
+}
+
+fn action_from_row(row: &SqliteRow) -> StoreResult<ActionRecord> {
+    let payload: String = row.try_get("payload")?;
+    Ok(ActionRecord {
+        id: row.try_get("id")?,
+        run_id: row.try_get("run_id")?,
+        customer_id: row.try_get("customer_id")?,
+        rule: row.try_get("rule")?,
+        kind: row.try_get("kind")?,
+        dedup_key: row.try_get("dedup_key")?,
+        status: row.try_get("status")?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        last_error: row.try_get("last_error")?,
+        created_at: from_millis(row.try_get("created_at")?),
+        finished_at: row
+            .try_get::<Option<i64>, _>("finished_at")?
+            .map(from_millis),
+        payload: json_of(&payload, "actions")?,
+    })
+}
+
+fn escalation_from_row(row: &SqliteRow) -> StoreResult<EscalationRecord> {
+    Ok(EscalationRecord {
+        id: row.try_get("id")?,
+        customer_id: row.try_get("customer_id")?,
+        rule: row.try_get("rule")?,
+        reason: row.try_get("reason")?,
+        owner: row.try_get("owner")?,
+        status: row.try_get("status")?,
+        created_at: from_millis(row.try_get("created_at")?),
+        resolved_at: row
+            .try_get::<Option<i64>, _>("resolved_at")?
+            .map(from_millis),
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn upsert_customers(&self, patches: &[CustomerPatch]) -> StoreResult<Vec<Upsert>> {
+        let mut tx = self.immediate().await?;
+        let now = to_millis(Utc::now());
+        let mut outcomes = Vec::with_capacity(patches.len());
+        for p in patches {
+            let existed: Option<i64> = sqlx::query_scalar("SELECT 1 FROM customers WHERE id = ?")
+                .bind(p.id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let traits = Value::Object(p.traits.clone()).to_string();
+            sqlx::query(
+                "INSERT INTO customers (id, email, name, created_at, timezone, model, owner, traits, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, COALESCE(?6, 'low-touch'), ?7, ?8, ?9)
+                 ON CONFLICT (id) DO UPDATE SET
+                    email = COALESCE(?2, email),
+                    name = COALESCE(?3, name),
+                    created_at = COALESCE(?4, created_at),
+                    timezone = COALESCE(?5, timezone),
+                    model = COALESCE(?6, model),
+                    owner = COALESCE(?7, owner),
+                    traits = json_patch(traits, ?8),
+                    updated_at = ?9",
+            )
+            .bind(p.id.as_str())
+            .bind(p.email.as_ref().map(Email::as_str))
+            .bind(p.name.as_deref())
+            .bind(p.created_at.map(to_millis))
+            .bind(p.timezone.as_deref())
+            .bind(p.model.map(EngagementModel::as_str))
+            .bind(p.owner.as_ref().map(Email::as_str))
+            .bind(traits)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            outcomes.push(if existed.is_some() {
+                Upsert::Updated
+            } else {
+                Upsert::Inserted
+            });
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn insert_events(&self, events: &[Event]) -> StoreResult<EventInsert> {
+        let mut tx = self.immediate().await?;
+        let mut inserted = 0usize;
+        for chunk in events.chunks(EVENT_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO events (message_id, customer_id, name, properties, at) ",
+            );
+            qb.push_values(chunk, |mut b, e| {
+                b.push_bind(e.message_id.clone())
+                    .push_bind(e.customer_id.as_str().to_owned())
+                    .push_bind(e.name.clone())
+                    .push_bind(e.properties.to_string())
+                    .push_bind(to_millis(e.at));
+            });
+            qb.push(" ON CONFLICT (message_id) DO NOTHING");
+            inserted += qb.build().execute(&mut *tx).await?.rows_affected() as usize;
+        }
+        tx.commit().await?;
+        Ok(EventInsert {
+            inserted,
+            duplicates: events.len() - inserted,
+        })
+    }
+
+    async fn customer(&self, id: &CustomerId) -> StoreResult<Option<Customer>> {
+        let row = sqlx::query("SELECT * FROM customers WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(customer_from_row).transpose()
+    }
+
+    async fn customer_count(&self) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM customers")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    async fn customers_page(
+        &self,
+        after: Option<&CustomerId>,
+        limit: usize,
+    ) -> StoreResult<Vec<Customer>> {
+        let rows = sqlx::query("SELECT * FROM customers WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(after.map(CustomerId::as_str).unwrap_or(""))
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(customer_from_row).collect()
+    }
+
+    async fn events_in_id_range(
+        &self,
+        first: &CustomerId,
+        last: &CustomerId,
+        until: DateTime<Utc>,
+    ) -> StoreResult<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT message_id, customer_id, name, properties, at FROM events
+             WHERE customer_id >= ? AND customer_id <= ? AND at <= ?
+             ORDER BY customer_id, at, seq",
+        )
+        .bind(first.as_str())
+        .bind(last.as_str())
+        .bind(to_millis(until))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn tags_in_id_range(
+        &self,
+        first: &CustomerId,
+        last: &CustomerId,
+    ) -> StoreResult<Vec<(CustomerId, String)>> {
+        let rows = sqlx::query(
+            "SELECT customer_id, tag FROM customer_tags
+             WHERE customer_id >= ? AND customer_id <= ? ORDER BY customer_id, tag",
+        )
+        .bind(first.as_str())
+        .bind(last.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get("customer_id")?;
+                let id =
+                    CustomerId::parse(&id).map_err(|e| corrupt("customer_tags", e.to_string()))?;
+                Ok((id, r.try_get("tag")?))
+            })
+            .collect()
+    }
+
+    async fn existing_dedup_keys(&self, keys: &[String]) -> StoreResult<HashSet<String>> {
+        let mut found = HashSet::new();
+        for chunk in keys.chunks(5000) {
+            let list = serde_json::to_string(chunk).unwrap_or_else(|_| "[]".into());
+            let rows: Vec<String> = sqlx::query_scalar(
+                "SELECT dedup_key FROM actions WHERE dedup_key IN (SELECT value FROM json_each(?))",
+            )
+            .bind(list)
+            .fetch_all(&self.pool)
+            .await?;
+            found.extend(rows);
+        }
+        Ok(found)
+    }
+
+    async fn open_escalation_pairs(
+        &self,
+        pairs: &[(CustomerId, String)],
+    ) -> StoreResult<HashSet<(CustomerId, String)>> {
+        let wanted: HashSet<&(CustomerId, String)> = pairs.iter().collect();
+        let ids: Vec<&str> = pairs.iter().map(|(c, _)| c.as_str()).collect();
+        let mut found = HashSet::new();
+        for chunk in ids.chunks(5000) {
+            let list = serde_json::to_string(chunk).unwrap_or_else(|_| "[]".into());
+            let rows = sqlx::query(
+                "SELECT customer_id, rule FROM escalations WHERE status = 'open'
+                 AND customer_id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(list)
+            .fetch_all(&self.pool)
+            .await?;
+            for r in rows {
+                let c: String = r.try_get("customer_id")?;
+                let pair = (
+                    CustomerId::parse(&c).map_err(|e| corrupt("escalations", e.to_string()))?,
+                    r.try_get::<String, _>("rule")?,
+                );
+                if wanted.contains(&pair) {
+                    found.insert(pair);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn commit_plan(&self, plan: PlanCommit) -> StoreResult<CommitOutcome> {
+        let mut tx = self.immediate().await?;
+        let now_ms = to_millis(plan.started_at);
+        let run_id: i64 = sqlx::query_scalar(
+            "INSERT INTO runs (trigger, now, started_at, status, summary) VALUES (?, ?, ?, 'planned', ?)
+             RETURNING id",
+        )
+        .bind(&plan.trigger)
+        .bind(to_millis(plan.now))
+        .bind(now_ms)
+        .bind(plan.summary.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+
+        let mut per_rule: BTreeMap<String, RuleCommitCounts> = BTreeMap::new();
+        for a in &plan.actions {
+            let status = if a.kind == OutboxKind::Tag {
+                "done"
+            } else {
+                "pending"
+            };
+            let done_at = (a.kind == OutboxKind::Tag).then_some(now_ms);
+            let inserted = sqlx::query(
+                "INSERT INTO actions (run_id, customer_id, rule, kind, dedup_key, payload, status,
+                                      next_attempt_at, created_at, finished_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (dedup_key) DO NOTHING",
+            )
+            .bind(run_id)
+            .bind(a.customer_id.as_str())
+            .bind(&a.rule)
+            .bind(a.kind.as_str())
+            .bind(&a.dedup_key)
+            .bind(a.payload.to_string())
+            .bind(status)
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(done_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if inserted && a.kind == OutboxKind::Tag {
+                let tag = a.payload.get("name").and_then(Value::as_str).unwrap_or("");
+                sqlx::query(
+                    "INSERT INTO customer_tags (customer_id, tag, created_at) VALUES (?, ?, ?)
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(a.customer_id.as_str())
+                .bind(tag)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let counts = per_rule.entry(a.rule.clone()).or_default();
+            if inserted {
+                counts.planned += 1;
+            } else {
+                counts.deduplicated += 1;
+            }
+        }
+
+        for e in &plan.escalations {
+            let id: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO escalations (run_id, customer_id, rule, reason, owner, status, created_at)
+                 VALUES (?, ?, ?, ?, ?, 'open', ?)
+                 ON CONFLICT DO NOTHING RETURNING id",
+            )
+            .bind(run_id)
+            .bind(e.customer_id.as_str())
+            .bind(&e.rule)
+            .bind(&e.reason)
+            .bind(&e.owner)
+            .bind(now_ms)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let counts = per_rule.entry(e.rule.clone()).or_default();
+            let Some(id) = id else {
+                counts.deduplicated += 1;
+                continue;
+            };
+            counts.planned += 1;
+            let mut notice = e.notice.clone();
+            if let Value::Object(m) = &mut notice {
+                m.insert("escalation_id".into(), Value::from(id));
+            }
+            sqlx::query(
+                "INSERT INTO actions (run_id, customer_id, rule, kind, dedup_key, payload, status,
+                                      next_attempt_at, created_at)
+                 VALUES (?, ?, ?, 'escalation_notice', ?, ?, 'pending', ?, ?)",
+            )
+            .bind(run_id)
+            .bind(e.customer_id.as_str())
+            .bind(&e.rule)
+            .bind(format!("escalation\u{1f}{id}"))
+            .bind(notice.to_string())
+            .bind(now_ms)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        for err in &plan.errors {
+            sqlx::query(
+                "INSERT INTO run_errors (run_id, rule, customer_id, message) VALUES (?, ?, ?, ?)",
+            )
+            .bind(run_id)
+            .bind(&err.rule)
+            .bind(err.customer_id.as_str())
+            .bind(&err.message)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(CommitOutcome { run_id, per_rule })
+    }
+
+    async fn finish_run(&self, run_id: i64, status: &str, summary: &Value) -> StoreResult<()> {
+        sqlx::query("UPDATE runs SET status = ?, summary = ?, finished_at = ? WHERE id = ?")
+            .bind(status)
+            .bind(summary.to_string())
+            .bind(to_millis(Utc::now()))
+            .bind(run_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn runs(&self, limit: usize) -> StoreResult<Vec<RunRecord>> {
+        let rows = sqlx::query("SELECT * FROM runs ORDER BY id DESC LIMIT ?")
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let summary: String = r.try_get("summary")?;
+                Ok(RunRecord {
+                    id: r.try_get("id")?,
+                    trigger: r.try_get("trigger")?,
+                    now: from_millis(r.try_get("now")?),
+                    started_at: from_millis(r.try_get("started_at")?),
+                    finished_at: r.try_get::<Option<i64>, _>("finished_at")?.map(from_millis),
+                    status: r.try_get("status")?,
+                    summary: json_of(&summary, "runs")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn run_errors(&self, run_id: i64) -> StoreResult<Vec<RuleErrorRecord>> {
+        let rows = sqlx::query(
+            "SELECT rule, customer_id, message FROM run_errors WHERE run_id = ? ORDER BY rowid",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let c: String = r.try_get("customer_id")?;
+                Ok(RuleErrorRecord {
+                    rule: r.try_get("rule")?,
+                    customer_id: CustomerId::parse(&c)
+                        .map_err(|e| corrupt("run_errors", e.to_string()))?,
+                    message: r.try_get("message")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> StoreResult<Vec<OutboxItem>> {
+        let now_ms = to_millis(now);
+        let mut tx = self.immediate().await?;
+        let rows = sqlx::query(
+            "UPDATE actions SET status = 'sending', lease_until = ?1, attempts = attempts + 1
+             WHERE id IN (
+                SELECT id FROM actions
+                WHERE (status = 'pending' AND next_attempt_at <= ?2)
+                   OR (status = 'sending' AND lease_until < ?2)
+                ORDER BY next_attempt_at, id LIMIT ?3)
+             RETURNING id, run_id, customer_id, rule, kind, dedup_key, payload, attempts",
+        )
+        .bind(to_millis(lease_until))
+        .bind(now_ms)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut items = rows
+            .iter()
+            .map(|r| {
+                let kind: String = r.try_get("kind")?;
+                let c: String = r.try_get("customer_id")?;
+                let payload: String = r.try_get("payload")?;
+                Ok(OutboxItem {
+                    id: r.try_get("id")?,
+                    run_id: r.try_get("run_id")?,
+                    customer_id: CustomerId::parse(&c)
+                        .map_err(|e| corrupt("actions", e.to_string()))?,
+                    rule: r.try_get("rule")?,
+                    kind: OutboxKind::parse(&kind)
+                        .ok_or_else(|| corrupt("actions", format!("unknown kind {kind:?}")))?,
+                    dedup_key: r.try_get("dedup_key")?,
+                    payload: json_of(&payload, "actions")?,
+                    attempts: r.try_get::<i64, _>("attempts")? as u32,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        items.sort_by_key(|i| i.id);
+        Ok(items)
+    }
+
+    async fn record_attempt(
+        &self,
+        id: i64,
+        result: &AttemptResult,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let at = to_millis(at);
+        let q = match result {
+            AttemptResult::Sent { detail } => sqlx::query(
+                "UPDATE actions SET status = 'sent', last_error = NULL, finished_at = ?, lease_until = NULL,
+                 payload = json_set(payload, '$.delivery', ?) WHERE id = ? AND status = 'sending'",
+            )
+            .bind(at)
+            .bind(detail.clone()),
+            AttemptResult::Retry { error, retry_at } => sqlx::query(
+                "UPDATE actions SET status = 'pending', last_error = ?, next_attempt_at = ?, lease_until = NULL
+                 WHERE id = ? AND status = 'sending'",
+            )
+            .bind(error.clone())
+            .bind(to_millis(*retry_at)),
+            AttemptResult::Failed { error } => sqlx::query(
+                "UPDATE actions SET status = 'failed', last_error = ?, finished_at = ?, lease_until = NULL
+                 WHERE id = ? AND status = 'sending'",
+            )
+            .bind(error.clone())
+            .bind(at),
+            AttemptResult::Dead { error } => sqlx::query(
+                "UPDATE actions SET status = 'dead', last_error = ?, finished_at = ?, lease_until = NULL
+                 WHERE id = ? AND status = 'sending'",
+            )
+            .bind(error.clone())
+            .bind(at),
+        };
+        q.bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn next_due_at(&self) -> StoreResult<Option<DateTime<Utc>>> {
+        let next: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(CASE WHEN status = 'pending' THEN next_attempt_at ELSE lease_until END)
+             FROM actions WHERE status IN ('pending', 'sending')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(next.map(from_millis))
+    }
+
+    async fn outbox_counts(&self) -> StoreResult<OutboxCounts> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM actions GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut c = OutboxCounts::default();
+        for r in rows {
+            let n = r.try_get::<i64, _>("n")? as u64;
+            match r.try_get::<String, _>("status")?.as_str() {
+                "pending" => c.pending = n,
+                "sending" => c.sending = n,
+                "sent" => c.sent = n,
+                "failed" => c.failed = n,
+                "dead" => c.dead = n,
+                _ => {}
+            }
+        }
+        Ok(c)
+    }
+
+    async fn actions_for_customer(&self, id: &CustomerId) -> StoreResult<Vec<ActionRecord>> {
+        let rows = sqlx::query("SELECT * FROM actions WHERE customer_id = ? ORDER BY id")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(action_from_row).collect()
+    }
+
+    async fn actions_for_run(&self, run_id: i64) -> StoreResult<Vec<ActionRecord>> {
+        let rows = sqlx::query("SELECT * FROM actions WHERE run_id = ? ORDER BY id")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(action_from_row).collect()
+    }
+
+    async fn escalations(&self, only_open: bool) -> StoreResult<Vec<EscalationRecord>> {
+        let rows =
+            sqlx::query("SELECT * FROM escalations WHERE (?1 = 0 OR status = 'open') ORDER BY id")
+                .bind(i64::from(only_open))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(escalation_from_row).collect()
+    }
+
+    async fn escalations_for_customer(
+        &self,
+        id: &CustomerId,
+    ) -> StoreResult<Vec<EscalationRecord>> {
+        let rows = sqlx::query("SELECT * FROM escalations WHERE customer_id = ? ORDER BY id")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(escalation_from_row).collect()
+    }
+
+    async fn resolve_escalation(&self, id: i64, at: DateTime<Utc>) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE escalations SET status = 'resolved', resolved_at = ? WHERE id = ? AND status = 'open'",
+        )
+        .bind(to_millis(at))
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn setting_or_init(&self, key: &str, init: &str) -> StoreResult<String> {
+        let mut tx = self.immediate().await?;
+        sqlx::query("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING")
+            .bind(key)
+            .bind(init)
+            .execute(&mut *tx)
+            .await?;
+        let v: String = sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(v)
+    }
+}
