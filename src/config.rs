@@ -136,6 +136,9 @@ pub struct DeliveryConfig {
     pub run_retry_window_ms: u64,
     /// SMTP command timeout in milliseconds.
     pub timeout_ms: u64,
+    /// How long a claimed action stays reserved for the process that claimed
+    /// it; if that process dies, another delivers the action after this.
+    pub lease_ms: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -147,6 +150,7 @@ impl Default for DeliveryConfig {
             retry_max_ms: 6 * 3600 * 1000,
             run_retry_window_ms: 60_000,
             timeout_ms: 30_000,
+            lease_ms: 120_000,
         }
     }
 }
@@ -327,6 +331,12 @@ impl Config {
         }
         if self.delivery.concurrency == 0 {
             return Err("delivery.concurrency must be at least 1".into());
+        }
+        if self.delivery.lease_ms <= self.delivery.timeout_ms {
+            return Err(format!(
+                "delivery.lease_ms ({}) must be longer than delivery.timeout_ms ({}), or a slow send could be delivered twice",
+                self.delivery.lease_ms, self.delivery.timeout_ms
+            ));
         }
         if self.delivery.max_attempts == 0 {
             return Err("delivery.max_attempts must be at least 1".into());

@@ -34,10 +34,9 @@ use smtp::{SendError, SmtpPool, SmtpTarget};
 
 /// Template used for escalation notices to owners.
 pub const ESCALATION_TEMPLATE: &str = "escalation";
-/// How long a claim is valid before another worker may take the item over.
-const LEASE: Duration = Duration::from_secs(300);
-/// Items claimed per pass.
-const CLAIM_BATCH: usize = 256;
+/// Items claimed at once per unit of concurrency: small claims keep the
+/// work a dead process leaves behind (until its lease expires) small.
+const CLAIM_PER_WORKER: usize = 8;
 
 /// Where email goes.
 pub enum MailTransport {
@@ -158,8 +157,14 @@ impl Deliverer {
     pub async fn deliver_pass(&self, now: DateTime<Utc>) -> Result<DeliveryReport, StoreError> {
         let mut report = DeliveryReport::default();
         loop {
-            let lease_until = now + chrono::Duration::from_std(LEASE).unwrap_or_default();
-            let items = self.store.claim_due(now, lease_until, CLAIM_BATCH).await?;
+            // A long pass must not shorten later leases: claim as of the real
+            // time, or of `now` if the caller's clock is ahead (tests).
+            let now = now.max(Utc::now());
+            let lease_until = now + chrono::Duration::milliseconds(self.policy.lease_ms as i64);
+            let items = self
+                .store
+                .claim_due(now, lease_until, self.policy.concurrency * CLAIM_PER_WORKER)
+                .await?;
             if items.is_empty() {
                 return Ok(report);
             }

@@ -181,7 +181,14 @@ impl SmtpPool {
         let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
         let mut conn = match pooled {
             Some(c) => c,
-            None => self.connect().await?,
+            None => tokio::time::timeout(self.timeout, self.connect())
+                .await
+                .map_err(|_| {
+                    transient(format!(
+                        "no SMTP greeting from {}:{} within {:?}",
+                        self.target.host, self.target.port, self.timeout
+                    ))
+                })??,
         };
         let sent = tokio::time::timeout(self.timeout, conn.send(envelope, body)).await;
         match sent {

@@ -111,28 +111,34 @@ pub fn patch_from_traits(
     mut traits: Map<String, Value>,
 ) -> Result<(CustomerPatch, Vec<String>), String> {
     let mut warnings = Vec::new();
-    let mut take_str = |keys: &[&str]| -> Option<String> {
+    // Returns the value and the key it was found under (for error messages).
+    let mut take = |keys: &[&str]| -> Option<(String, &'static str)> {
         let mut found = None;
         for k in keys {
             if let Some(v) = traits.remove(*k) {
+                let key: &'static str = match *k {
+                    "createdAt" => "createdAt",
+                    "created_at" => "created_at",
+                    _ => "",
+                };
                 found = match v {
-                    Value::String(s) if !s.trim().is_empty() => Some(s),
+                    Value::String(s) if !s.trim().is_empty() => Some((s, key)),
                     Value::Null | Value::String(_) => found,
-                    other => Some(other.to_string()),
+                    other => Some((other.to_string(), key)),
                 };
             }
         }
         found
     };
-    let email = take_str(&["email"])
-        .map(|e| Email::parse(&e).map_err(|e| format!("email: {e}")))
+    let email = take(&["email"])
+        .map(|(e, _)| Email::parse(&e).map_err(|e| format!("email: {e}")))
         .transpose()?;
-    let name = take_str(&["name"]);
-    let created_at = take_str(&["createdAt", "created_at"])
-        .map(|t| parse_timestamp(&t).map_err(|e| format!("createdAt: {e}")))
+    let name = take(&["name"]).map(|(n, _)| n);
+    let created_at = take(&["createdAt", "created_at"])
+        .map(|(t, key)| parse_timestamp(&t).map_err(|e| format!("{key}: {e}")))
         .transpose()?;
-    let timezone = match take_str(&["timezone"]) {
-        Some(tz) => match parse_timezone(&tz) {
+    let timezone = match take(&["timezone"]) {
+        Some((tz, _)) => match parse_timezone(&tz) {
             Ok(tz) => Some(tz.name().to_owned()),
             Err(e) => {
                 warnings.push(format!("{e}; the customer is kept without a time zone"));
@@ -141,11 +147,11 @@ pub fn patch_from_traits(
         },
         None => None,
     };
-    let model = take_str(&["model"])
-        .map(|m| EngagementModel::parse(&m).map_err(|e| format!("model: {e}")))
+    let model = take(&["model"])
+        .map(|(m, _)| EngagementModel::parse(&m).map_err(|e| format!("model: {e}")))
         .transpose()?;
-    let owner = take_str(&["owner"])
-        .map(|o| Email::parse(&o).map_err(|e| format!("owner: {e}")))
+    let owner = take(&["owner"])
+        .map(|(o, _)| Email::parse(&o).map_err(|e| format!("owner: {e}")))
         .transpose()?;
     if let Some(n) = &name
         && n.chars().count() > 500

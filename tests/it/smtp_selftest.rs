@@ -1,14 +1,12 @@
-//! Self-tests for the in-process SMTP server in `tests/support/smtp_server.rs`,
+//! Self-tests for the in-process SMTP server in `smtp_server.rs`,
 //! driven by real `lettre` sends over TCP.
-
-mod support;
 
 use std::time::Duration;
 
+use crate::smtp_server::SmtpServer;
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use support::smtp_server::SmtpServer;
 
 const WAIT: Duration = Duration::from_secs(5);
 

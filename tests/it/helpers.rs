@@ -1,0 +1,177 @@
+//! `TestApp`: an isolated working directory (config, SQLite file, copies of
+//! the shipped rules and templates) wired to a real in-process SMTP server,
+//! plus typed helpers to run the real `engaged` binary against it.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use engaged::store::Store;
+use tempfile::TempDir;
+
+use crate::smtp_server::SmtpServer;
+
+pub const NOW: &str = "2026-06-15T02:00:00Z";
+pub const DEFAULT_OWNER: &str = "success@acme.test";
+
+pub struct TestApp {
+    pub dir: TempDir,
+    pub smtp: SmtpServer,
+}
+
+/// Output of one `engaged` invocation.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Self {
+        Self {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+impl TestApp {
+    /// A fresh app with the shipped rules and templates and SMTP delivery to
+    /// an in-process server.
+    pub async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        copy_dir(&repo.join("rules"), &dir.path().join("rules"));
+        copy_dir(&repo.join("templates"), &dir.path().join("templates"));
+        let app = Self {
+            dir,
+            smtp: SmtpServer::start().await,
+        };
+        app.write_config("");
+        app
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn db_url(&self) -> String {
+        format!("sqlite://{}", self.path("engaged.db").display())
+    }
+
+    /// Writes `engaged.toml`: SMTP to the test server, fast retries, plus `extra`.
+    pub fn write_config(&self, extra: &str) {
+        let config = format!(
+            r#"[database]
+url = "{db}"
+
+[mail]
+from = "Acme <hello@acme.test>"
+smtp_url = "{smtp}"
+
+[delivery]
+retry_base_ms = 100
+retry_max_ms = 400
+run_retry_window_ms = 5000
+timeout_ms = 5000
+lease_ms = 6000
+max_attempts = 5
+
+[escalation]
+default_owner = "{owner}"
+
+[http]
+public_url = "https://engage.acme.test"
+signing_secret = "test-secret"
+{extra}
+"#,
+            db = self.db_url(),
+            smtp = self.smtp.url(),
+            owner = DEFAULT_OWNER,
+        );
+        std::fs::write(self.path("engaged.toml"), config).unwrap();
+    }
+
+    pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_engaged"));
+        cmd.current_dir(self.dir.path())
+            .arg("--config")
+            .arg(self.path("engaged.toml"))
+            .args(args)
+            .env_remove("ENGAGED_LOG")
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs `engaged ARGS…` to completion (at most 60 s).
+    pub async fn engaged(&self, args: &[&str]) -> Run {
+        let out = tokio::time::timeout(Duration::from_secs(60), self.command(args).output())
+            .await
+            .expect("engaged finished within 60 s")
+            .expect("engaged started");
+        Run::from(out)
+    }
+
+    /// `engaged run --now NOW --json`, asserting success.
+    pub async fn run_at(&self, now: &str) -> serde_json::Value {
+        let r = self.engaged(&["run", "--now", now, "--json"]).await;
+        assert_eq!(r.code, 0, "run failed:\n{}\n{}", r.stdout, r.stderr);
+        r.json()
+    }
+
+    /// Opens the same database through the library, for assertions.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        engaged::store::open(&self.db_url()).await.unwrap()
+    }
+
+    pub async fn import_customers(&self, csv: &str) -> Run {
+        let p = self.write("customers.csv", csv);
+        self.engaged(&["import", "customers", p.to_str().unwrap()])
+            .await
+    }
+
+    pub async fn import_events(&self, jsonl: &str) -> Run {
+        let p = self.write("events.jsonl", jsonl);
+        self.engaged(&["import", "events", p.to_str().unwrap()])
+            .await
+    }
+}
+
+/// A Segment `track` line.
+pub fn track(user: &str, event: &str, at: &str, props: serde_json::Value) -> String {
+    serde_json::json!({
+        "type": "track", "userId": user, "event": event, "properties": props,
+        "timestamp": at, "messageId": format!("{user}-{event}-{at}"),
+    })
+    .to_string()
+}

@@ -1,0 +1,9 @@
+//! Integration tests: one binary, real parts (SQLite files, a real SMTP
+//! server over TCP, the real `engaged` executable).
+
+mod helpers;
+mod import;
+mod pipeline;
+mod rules;
+mod smtp_selftest;
+mod smtp_server;

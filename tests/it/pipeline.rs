@@ -1,0 +1,473 @@
+//! The whole pipeline through the real binary: import → rules → outbox →
+//! a real SMTP server, and the guarantees around it (dedup, retries,
+//! crash recovery, per-action failures).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::{DEFAULT_OWNER, NOW, TestApp, track};
+
+const CUSTOMERS: &str = "\
+id,email,name,created_at,timezone,model,owner,plan
+new1,ana@example.com,Ana Novak,2026-06-14T20:00:00Z,Europe/Zagreb,low-touch,,pro
+tip2,ben@example.com,Ben Ito,2026-06-11T12:00:00Z,,low-touch,,starter
+stall,cem@example.com,Cem Kaya,2026-06-05T00:00:00Z,,low-touch,,
+orders,dia@example.com,Dia Lee,2025-01-01T00:00:00Z,,high-touch,csm@acme.test,enterprise
+promo,eva@example.com,Eva Berg,2026-03-01T00:00:00Z,,hybrid,,
+detr,fay@example.com,Fay Oz,2026-02-01T00:00:00Z,,hybrid,csm@acme.test,
+idle,gus@example.com,Gus Roe,2026-01-01T00:00:00Z,,low-touch,,
+quiet,hal@example.com,Hal Poe,2026-04-01T00:00:00Z,,low-touch,,
+";
+
+fn events() -> String {
+    let mut lines = vec![
+        track("stall", "login", "2026-06-05T01:00:00Z", json!({})),
+        track(
+            "stall",
+            "onboarding_step",
+            "2026-06-05T01:10:00Z",
+            json!({"step": 1}),
+        ),
+        track(
+            "orders",
+            "onboarding_completed",
+            "2025-01-03T00:00:00Z",
+            json!({}),
+        ),
+        track("orders", "login", "2026-06-14T09:00:00Z", json!({})),
+        track(
+            "promo",
+            "onboarding_completed",
+            "2026-03-02T00:00:00Z",
+            json!({}),
+        ),
+        track("promo", "login", "2026-06-14T09:00:00Z", json!({})),
+        track(
+            "promo",
+            "nps_submitted",
+            "2026-06-10T10:00:00Z",
+            json!({"score": 10}),
+        ),
+        track(
+            "detr",
+            "onboarding_completed",
+            "2026-02-02T00:00:00Z",
+            json!({}),
+        ),
+        track("detr", "login", "2026-06-14T09:00:00Z", json!({})),
+        track(
+            "detr",
+            "nps_submitted",
+            "2026-06-12T10:00:00Z",
+            json!({"score": 3}),
+        ),
+        track(
+            "idle",
+            "onboarding_completed",
+            "2026-01-02T00:00:00Z",
+            json!({}),
+        ),
+        track("idle", "login", "2026-05-01T08:00:00Z", json!({})),
+        track(
+            "quiet",
+            "onboarding_completed",
+            "2026-04-02T00:00:00Z",
+            json!({}),
+        ),
+        track("quiet", "login", "2026-06-14T09:00:00Z", json!({})),
+        // After NOW: invisible to this run.
+        track(
+            "quiet",
+            "nps_submitted",
+            "2026-06-20T09:00:00Z",
+            json!({"score": 0}),
+        ),
+    ];
+    for i in 0..12 {
+        lines.push(track(
+            "orders",
+            "order_completed",
+            &format!("2026-05-{:02}T12:00:00Z", i + 1),
+            json!({"total": 10.0 + f64::from(i), "order_number": i + 1}),
+        ));
+    }
+    lines.join("\n") + "\n"
+}
+
+/// What the shipped rules must send for the dataset above, as (recipient, subject).
+fn expected() -> BTreeSet<(String, String)> {
+    [
+        ("ana@example.com", "Welcome aboard, Ana!"),
+        ("ben@example.com", "Tip 2: automate the boring parts"),
+        ("cem@example.com", "Tip 3: bring your team"),
+        (
+            DEFAULT_OWNER,
+            "[engaged] Cem Kaya needs a human: Onboarding stalled: 10 days since signup, 1 onboarding steps done, no login in 7 days",
+        ),
+        ("dia@example.com", "Your 10th order — thank you!"),
+        ("eva@example.com", "Thanks for the 10/10 — would you tell others?"),
+        (
+            "csm@acme.test",
+            "[engaged] Fay Oz needs a human: NPS detractor: scored 3 on 2026-06-12T10:00:00Z",
+        ),
+        ("gus@example.com", "We miss you, Gus"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    .collect()
+}
+
+async fn app_with_data() -> TestApp {
+    let app = TestApp::new().await;
+    let r = app.import_customers(CUSTOMERS).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let r = app.import_events(&events()).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    app
+}
+
+fn received(app: &TestApp) -> BTreeSet<(String, String)> {
+    app.smtp
+        .messages()
+        .iter()
+        .map(|m| {
+            assert_eq!(m.rcpt_to.len(), 1, "one envelope recipient per message");
+            (m.rcpt_to[0].clone(), m.subject())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shipped_rules_send_exactly_the_expected_emails() {
+    let app = app_with_data().await;
+    let summary = app.run_at(NOW).await;
+
+    let messages = app.smtp.messages();
+    assert_eq!(messages.len(), 8, "{:#?}", received(&app));
+    assert_eq!(received(&app), expected());
+    assert_eq!(summary["delivery"]["sent"], 8);
+    assert_eq!(summary["customers"], 8);
+    assert_eq!(summary["rules"]["welcome"]["planned"], 1);
+    assert_eq!(summary["rules"]["nps"]["escalations"], 1);
+    assert_eq!(summary["rules"]["engagement_level"]["tags"], 8);
+
+    for m in &messages {
+        assert_eq!(m.mail_from, "hello@acme.test");
+        let to = &m.rcpt_to[0];
+        let message_id = m.header("Message-ID").expect("Message-ID");
+        assert!(
+            message_id.starts_with('<') && message_id.ends_with("@acme.test>"),
+            "{message_id}"
+        );
+        let is_notice = to == DEFAULT_OWNER || to == "csm@acme.test";
+        let unsubscribe = m.header("List-Unsubscribe");
+        if is_notice {
+            assert_eq!(unsubscribe, None, "escalation notices are not marketing");
+        } else {
+            let u = unsubscribe.expect("customer mail has List-Unsubscribe");
+            assert!(
+                u.starts_with("<https://engage.acme.test/unsubscribe/"),
+                "{u}"
+            );
+            assert!(
+                u.contains("<mailto:unsubscribe@acme.test?subject=unsubscribe%20"),
+                "{u}"
+            );
+            assert_eq!(
+                m.header("List-Unsubscribe-Post").as_deref(),
+                Some("List-Unsubscribe=One-Click")
+            );
+            let link = u[1..u.find('>').unwrap()].to_owned();
+            assert!(
+                m.text_body().contains(&link),
+                "unsubscribe_url is in the body"
+            );
+        }
+    }
+    let ids: BTreeSet<String> = messages
+        .iter()
+        .map(|m| m.header("Message-ID").unwrap())
+        .collect();
+    assert_eq!(ids.len(), 8, "Message-IDs are unique");
+
+    let welcome = messages
+        .iter()
+        .find(|m| m.rcpt_to[0] == "ana@example.com")
+        .unwrap();
+    assert!(
+        welcome
+            .header("Content-Type")
+            .unwrap()
+            .starts_with("multipart/alternative"),
+        "welcome has an html part"
+    );
+    assert!(welcome.text_body().starts_with("Hi Ana,\n"));
+    assert!(
+        welcome
+            .html_body()
+            .unwrap()
+            .contains("<h1>Welcome aboard, Ana!</h1>")
+    );
+    assert_eq!(
+        welcome.header("To").unwrap(),
+        "\"Ana Novak\" <ana@example.com>"
+    );
+
+    let notice = messages
+        .iter()
+        .find(|m| m.rcpt_to[0] == DEFAULT_OWNER)
+        .unwrap();
+    let body = notice.text_body();
+    assert!(body.contains("id:       stall"), "{body}");
+    assert!(body.contains("onboarding_step: 1 in total"), "{body}");
+    assert!(body.contains("engaged escalations resolve "), "{body}");
+    let tip = messages
+        .iter()
+        .find(|m| m.rcpt_to[0] == "ben@example.com")
+        .unwrap();
+    assert!(tip.text_body().contains("Automations"), "tip 2 content");
+    let milestone = messages
+        .iter()
+        .find(|m| m.rcpt_to[0] == "dia@example.com")
+        .unwrap();
+    assert!(milestone.text_body().contains("your 10th order"));
+
+    // The store agrees: every delivered action is `sent`, and each Message-ID
+    // names the action it came from.
+    let store = app.store().await;
+    let run_id = summary["run_id"].as_i64().unwrap();
+    let actions = store.actions_for_run(run_id).await.unwrap();
+    let sent: BTreeSet<i64> = actions
+        .iter()
+        .filter(|a| a.kind != "tag")
+        .map(|a| {
+            assert_eq!(a.status, "sent", "{a:?}");
+            a.id
+        })
+        .collect();
+    let from_ids: BTreeSet<i64> = ids
+        .iter()
+        .map(|id| {
+            id.split('.')
+                .nth(1)
+                .unwrap()
+                .split('@')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(sent, from_ids);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rerunning_the_same_night_sends_nothing_new() {
+    let app = app_with_data().await;
+    app.run_at(NOW).await;
+    assert_eq!(app.smtp.count(), 8);
+    let again = app.run_at(NOW).await;
+    assert_eq!(app.smtp.count(), 8, "no new email");
+    assert_eq!(again["delivery"]["sent"], 0);
+    assert_eq!(again["rules"]["welcome"]["planned"], 0);
+    assert_eq!(again["rules"]["welcome"]["deduplicated"], 1);
+    assert_eq!(
+        again["rules"]["nps"]["deduplicated"], 2,
+        "review + open escalation"
+    );
+
+    // A day later the drip moves on for the customers it should.
+    app.run_at("2026-06-16T02:00:00Z").await;
+    let new: Vec<_> = app.smtp.messages()[8..]
+        .iter()
+        .map(|m| (m.rcpt_to[0].clone(), m.subject()))
+        .collect();
+    assert_eq!(
+        new,
+        vec![(
+            "ana@example.com".to_owned(),
+            "Tip 1: set up your workspace".to_owned()
+        )]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_escalation_is_recorded_listed_and_resolved() {
+    let app = app_with_data().await;
+    app.run_at(NOW).await;
+    let list = app.engaged(&["escalations", "--json"]).await.json();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    let fay = list.iter().find(|e| e["customer_id"] == "detr").unwrap();
+    assert_eq!(fay["owner"], "csm@acme.test");
+    assert_eq!(fay["status"], "open");
+    assert_eq!(fay["rule"], "nps");
+    assert!(fay["reason"].as_str().unwrap().contains("scored 3"));
+    let cem = list.iter().find(|e| e["customer_id"] == "stall").unwrap();
+    assert_eq!(cem["owner"], DEFAULT_OWNER);
+
+    let id = fay["id"].as_i64().unwrap().to_string();
+    let r = app.engaged(&["escalations", "resolve", &id]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = app.engaged(&["escalations", "resolve", &id]).await;
+    assert_eq!(r.code, 1, "resolving twice is an error");
+    assert!(r.stderr.contains("no open escalation"), "{}", r.stderr);
+    let open = app.engaged(&["escalations", "--json"]).await.json();
+    assert_eq!(open.as_array().unwrap().len(), 1);
+
+    // Once resolved, a detractor who is still a detractor is escalated anew.
+    app.run_at(NOW).await;
+    let open = app.engaged(&["escalations", "--json"]).await.json();
+    assert_eq!(open.as_array().unwrap().len(), 2);
+    assert_eq!(
+        app.smtp
+            .messages()
+            .iter()
+            .filter(|m| m.rcpt_to[0] == "csm@acme.test")
+            .count(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_4xx_is_retried_and_5xx_is_recorded_as_failed() {
+    let app = app_with_data().await;
+    app.smtp
+        .fail_next("ben@example.com", 2, 451, "4.3.0 try again later");
+    app.smtp
+        .reject_always("gus@example.com", 550, "5.1.1 no such user");
+    let r = app.engaged(&["run", "--now", NOW, "--json"]).await;
+    assert_eq!(r.code, 1, "a permanent failure makes run exit 1");
+    let summary = r.json();
+    assert_eq!(summary["delivery"]["sent"], 7);
+    assert_eq!(summary["delivery"]["failed"], 1);
+    assert_eq!(app.smtp.attempts("ben@example.com"), 3);
+    assert_eq!(
+        app.smtp.attempts("gus@example.com"),
+        1,
+        "5xx is not retried"
+    );
+    assert!(received(&app).contains(&(
+        "ben@example.com".to_owned(),
+        "Tip 2: automate the boring parts".to_owned()
+    )));
+
+    let store = app.store().await;
+    let gus = store
+        .actions_for_customer(&engaged::domain::CustomerId::parse("idle").unwrap())
+        .await
+        .unwrap();
+    let email = gus.iter().find(|a| a.kind == "email").unwrap();
+    assert_eq!(email.status, "failed");
+    let error = email.last_error.as_deref().unwrap();
+    assert!(
+        error.contains("550") && error.contains("no such user"),
+        "{error}"
+    );
+    let ben = store
+        .actions_for_customer(&engaged::domain::CustomerId::parse("tip2").unwrap())
+        .await
+        .unwrap();
+    let email = ben.iter().find(|a| a.kind == "email").unwrap();
+    assert_eq!((email.status.as_str(), email.attempts), ("sent", 3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_killed_after_planning_delivers_the_rest_exactly_once_on_the_next_run() {
+    let app = app_with_data().await;
+    // A mail server that accepts connections and never answers: delivery hangs
+    // after the plan is committed, and we kill the process there.
+    let blackhole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_url = format!("smtp://{}", blackhole.local_addr().unwrap());
+    let _holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = blackhole.accept().await {
+            held.push(s);
+        }
+    });
+    let mut child = app
+        .command(&["run", "--now", NOW])
+        .env("ENGAGED_MAIL__SMTP_URL", &hole_url)
+        .env("ENGAGED_DELIVERY__TIMEOUT_MS", "2000")
+        .env("ENGAGED_DELIVERY__LEASE_MS", "2500")
+        .spawn()
+        .unwrap();
+    let store = app.store().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = store.outbox_counts().await.unwrap();
+        if counts.sending > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "delivery never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().await.unwrap();
+    let counts = store.outbox_counts().await.unwrap();
+    assert_eq!(counts.sent, 0);
+    assert_eq!(counts.pending + counts.sending, 8, "{counts:?}");
+    assert_eq!(app.smtp.count(), 0);
+
+    // The next run plans nothing new and delivers everything once the dead
+    // process's leases expire.
+    let summary = app.run_at(NOW).await;
+    assert_eq!(summary["delivery"]["sent"], 8);
+    assert_eq!(received(&app), expected());
+    assert_eq!(app.smtp.count(), 8, "each exactly once");
+    let counts = store.outbox_counts().await.unwrap();
+    assert_eq!((counts.sent, counts.pending, counts.sending), (8, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_template_fails_only_its_action() {
+    let app = app_with_data().await;
+    app.write(
+        "templates/welcome.txt",
+        "---\nsubject: Welcome {{ customer.name }}\n---\nHi {{ customer.nickname }}\n",
+    );
+    let r = app.engaged(&["run", "--now", NOW, "--json"]).await;
+    assert_eq!(r.code, 1);
+    let summary = r.json();
+    assert_eq!(summary["delivery"]["failed"], 1);
+    assert_eq!(summary["delivery"]["sent"], 7);
+    assert!(!received(&app).iter().any(|(to, _)| to == "ana@example.com"));
+    let store = app.store().await;
+    let ana = store
+        .actions_for_customer(&engaged::domain::CustomerId::parse("new1").unwrap())
+        .await
+        .unwrap();
+    let email = ana.iter().find(|a| a.kind == "email").unwrap();
+    assert_eq!(email.status, "failed");
+    let error = email.last_error.as_deref().unwrap();
+    assert!(error.contains("welcome.txt:4:"), "{error}");
+    assert!(error.contains("undefined"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_writes_and_sends_nothing() {
+    let app = app_with_data().await;
+    let r = app
+        .engaged(&["run", "--now", NOW, "--dry-run", "--json"])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let s = r.json();
+    assert_eq!(s["run_id"], serde_json::Value::Null);
+    assert_eq!(s["rules"]["welcome"]["planned"], 1);
+    assert!(
+        s["would"].as_array().unwrap().iter().any(
+            |w| w["customer_id"] == "new1" && w["action"].as_str().unwrap().contains("welcome")
+        )
+    );
+    assert_eq!(app.smtp.count(), 0);
+    let store = app.store().await;
+    assert!(store.runs(10).await.unwrap().is_empty());
+    assert_eq!(store.outbox_counts().await.unwrap().pending, 0);
+    // The real run afterwards still sends everything.
+    app.run_at(NOW).await;
+    assert_eq!(app.smtp.count(), 8);
+}

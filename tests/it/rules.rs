@@ -1,0 +1,288 @@
+//! The rule engine: the rule API's semantics, the sandbox's limits, and how
+//! rule errors are reported without stopping anything else.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use engaged::domain::{Customer, CustomerId, Email, EngagementModel, Event};
+use engaged::engine::RuleSet;
+use engaged::facts::Facts;
+use engaged::plan::ActionRequest;
+use serde_json::json;
+
+use crate::helpers::{NOW, TestApp};
+
+fn at(s: &str) -> DateTime<Utc> {
+    engaged::domain::parse_timestamp(s).unwrap()
+}
+
+fn facts(events: &[(&str, &str, serde_json::Value)]) -> Arc<Facts> {
+    let customer = Customer {
+        id: CustomerId::parse("c1").unwrap(),
+        email: Some(Email::parse("ana@example.com").unwrap()),
+        name: Some("Ana".into()),
+        created_at: Some(at("2026-06-01T12:00:00Z")),
+        timezone: None,
+        model: EngagementModel::Hybrid,
+        owner: None,
+        traits: serde_json::from_value(json!({"plan": "pro", "seats": 3})).unwrap(),
+    };
+    let events = events.iter().enumerate().map(|(i, (name, t, p))| Event {
+        message_id: i.to_string(),
+        customer_id: customer.id.clone(),
+        name: (*name).into(),
+        properties: p.clone(),
+        at: at(t),
+    });
+    let events: Vec<Event> = events.collect();
+    Arc::new(Facts::new(customer, events, vec!["vip".into()], at(NOW)))
+}
+
+fn eval(source: &str, f: &Arc<Facts>) -> Result<Vec<ActionRequest>, String> {
+    let rules = RuleSet::from_sources(&[("r", source)], None).map_err(|e| e.to_string())?;
+    let results = rules.evaluate_all(f);
+    results
+        .into_iter()
+        .next()
+        .unwrap()
+        .map(|v| v.into_iter().map(|a| a.kind).collect())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn the_rule_api_answers_questions_about_the_customer() {
+    let f = facts(&[
+        ("login", "2026-06-08T02:00:00Z", json!({})), // exactly 7 days before NOW: outside count(e, 7)
+        ("login", "2026-06-10T00:00:00Z", json!({})),
+        (
+            "order_completed",
+            "2026-06-14T02:00:00Z",
+            json!({"total": 12.5}),
+        ),
+        (
+            "order_completed",
+            "2026-06-20T00:00:00Z",
+            json!({"total": 99}),
+        ), // future: invisible
+    ]);
+    let script = r#"
+        if days_since_signup() != 13 { throw "days_since_signup " + days_since_signup(); }
+        if count("login") != 2 { throw "count"; }
+        if count("login", 7) != 1 { throw "count window " + count("login", 7); }
+        if count("order_completed") != 1 { throw "future events are invisible"; }
+        if days_since("order_completed") != 1 { throw "days_since"; }
+        if days_since("never") != () { throw "days_since never"; }
+        if last("never") != () { throw "last never"; }
+        let o = last("order_completed");
+        if o.properties.total != 12.5 || o.name != "order_completed" { throw "last"; }
+        if o.at.day != 14 || !(o.at < now) { throw "timestamps"; }
+        if days_between(o.at, now) != 1 { throw "days_between"; }
+        if customer.model != "hybrid" || customer.traits.seats != 3 || customer.owner != () { throw "customer"; }
+        if !has_tag("vip") || customer.tags[0] != "vip" { throw "tags"; }
+        if sum("order_completed", "total") != 12.5 { throw "sum"; }
+        if `${now}` != "2026-06-15T02:00:00Z" { throw "now prints as RFC 3339: " + now; }
+        send_email("welcome");
+        send_email("milestone", #{ key: "orders-" + 10, orders: 10 });
+        escalate("needs help");
+        tag("level:awareness");
+        webhook("crm", #{ event: "x", at: now });
+    "#;
+    let actions = eval(script, &f).unwrap();
+    assert_eq!(actions.len(), 5);
+    assert!(
+        matches!(&actions[0], ActionRequest::Email { template, key, .. } if template == "welcome" && key == "welcome")
+    );
+    match &actions[1] {
+        ActionRequest::Email { key, vars, .. } => {
+            assert_eq!(key, "orders-10");
+            assert_eq!(vars.get("orders"), Some(&json!(10)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        actions[2],
+        ActionRequest::Escalate {
+            reason: "needs help".into()
+        }
+    );
+    assert_eq!(
+        actions[3],
+        ActionRequest::Tag {
+            name: "level:awareness".into()
+        }
+    );
+    assert_eq!(
+        actions[4],
+        ActionRequest::Webhook {
+            name: "crm".into(),
+            payload: json!({"event": "x", "at": "2026-06-15T02:00:00Z"})
+        }
+    );
+}
+
+#[test]
+fn the_sandbox_refuses_eval_import_and_undeclared_variables() {
+    let f = facts(&[]);
+    for (src, why) in [
+        ("eval(\"1\")", "eval"),
+        ("import \"x\" as y;", "import"),
+        ("let a = undeclared + 1;", "undeclared"),
+    ] {
+        let e = eval(src, &f).unwrap_err();
+        assert!(e.starts_with("rules/r.rhai:1:"), "{src}: {e}");
+        let _ = why;
+    }
+}
+
+#[test]
+fn runaway_rules_are_stopped_in_milliseconds_with_a_located_error() {
+    let f = facts(&[]);
+    for (src, needle) in [
+        ("let x = 0;\nloop { x += 1; }", "operations"),
+        ("let s = \"x\";\nwhile true { s += s; }", "limit"),
+        ("let a = [];\nloop { a.push(1); }", "limit"),
+        (
+            "let m = #{};\nlet i = 0;\nloop { m[`k${i}`] = i; i += 1; }",
+            "stopped",
+        ),
+        ("fn f(n) { f(n + 1) }\nf(0);", "nested"),
+    ] {
+        let started = Instant::now();
+        let e = eval(src, &f).unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            e.contains(needle) || (needle == "stopped" && e.contains("limit")),
+            "{src}: {e}"
+        );
+        assert!(e.starts_with("rules/r.rhai:"), "{e}");
+        // A debug build is ~20x slower than release; even so this stays far
+        // below a second. (Not a timing test of speed, a guard against "minutes".)
+        assert!(took < Duration::from_secs(5), "{src} took {took:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_rule_is_recorded_while_the_other_rules_still_act() {
+    let app = TestApp::new().await;
+    app.write(
+        "rules/zz_loop.rhai",
+        "// loops forever\nlet n = 0;\nloop {\n  n += 1;\n}\n",
+    );
+    app.write(
+        "rules/zz_huge.rhai",
+        "let s = \"0123456789\";\nfor i in 0..100 {\n  s += s;\n}\n",
+    );
+    app.import_customers("id,email,name,created_at\nc1,ana@example.com,Ana,2026-06-15T00:00:00Z\nc2,ben@example.com,Ben,2026-06-15T00:00:00Z\n")
+        .await;
+    let r = app.engaged(&["run", "--now", NOW, "--json"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let s = r.json();
+    assert_eq!(s["rules"]["zz_loop"]["errors"], 2);
+    assert_eq!(s["rules"]["zz_huge"]["errors"], 2);
+    assert_eq!(s["rules"]["welcome"]["planned"], 2, "other rules still act");
+    assert_eq!(app.smtp.count(), 2);
+    let errors = s["errors"].as_array().unwrap();
+    let messages: Vec<&str> = errors
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("zz_loop.rhai:4:3: stopped after") && m.contains("operations")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("zz_huge.rhai:3:5: Length of string grew past the limit")),
+        "{messages:?}"
+    );
+    let store = app.store().await;
+    let recorded = store
+        .run_errors(s["run_id"].as_i64().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(recorded.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_rule_and_template_errors_as_file_line_col() {
+    let app = TestApp::new().await;
+    let r = app.engaged(&["check"]).await;
+    assert_eq!(
+        r.code, 0,
+        "the shipped rules and templates are clean: {}",
+        r.stdout
+    );
+    app.write("rules/broken.rhai", "// comment\nlet x = ;\n");
+    app.write(
+        "templates/bad.txt",
+        "---\nsubject: hi\n---\nline\n{% if %}\n",
+    );
+    let r = app.engaged(&["check"]).await;
+    assert_eq!(r.code, 1);
+    assert!(r.stdout.contains("rules/broken.rhai:2:9: "), "{}", r.stdout);
+    assert!(r.stdout.contains("templates/bad.txt:5:"), "{}", r.stdout);
+    // A run refuses to start with broken rules rather than silently skipping them.
+    let r = app.engaged(&["run", "--now", NOW]).await;
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("rules/broken.rhai:2:9"), "{}", r.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_template_in_send_email_is_a_rule_error() {
+    let app = TestApp::new().await;
+    app.write("rules/typo.rhai", "send_email(\"welcom\");\n");
+    app.import_customers("id,email\nc1,ana@example.com\n").await;
+    let s = app.run_at(NOW).await;
+    let m = s["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        m.contains("typo.rhai:1:1") && m.contains("no template named \"welcom\""),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhooks_post_json_and_are_retried_until_2xx() {
+    use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
+    use std::sync::Mutex;
+
+    type Calls = Arc<Mutex<Vec<serde_json::Value>>>;
+    let calls: Calls = Arc::default();
+    async fn hook(State(calls): State<Calls>, Json(body): Json<serde_json::Value>) -> StatusCode {
+        let mut c = calls.lock().unwrap();
+        c.push(body);
+        if c.len() == 1 {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        }
+    }
+    let router = Router::new()
+        .route("/hook", post(hook))
+        .with_state(calls.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+
+    let app = TestApp::new().await;
+    app.write_config(&format!("[webhooks.crm]\nurl = \"http://{addr}/hook\"\n"));
+    app.write("rules/notify.rhai", "if customer.traits.plan == \"pro\" {\n  webhook(\"crm\", #{ plan: customer.traits.plan, key: \"pro-signup\" });\n}\n");
+    app.import_customers("id,email,plan\nc1,ana@example.com,pro\nc2,ben@example.com,starter\n")
+        .await;
+    let s = app.run_at(NOW).await;
+    assert_eq!(s["rules"]["notify"]["webhooks"], 1);
+    let c = calls.lock().unwrap().clone();
+    assert_eq!(c.len(), 2, "a 503 is retried");
+    assert_eq!(c[1]["customer_id"], "c1");
+    assert_eq!(c[1]["payload"]["plan"], "pro");
+    assert_eq!(c[1]["rule"], "notify");
+    app.run_at(NOW).await;
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        2,
+        "the same webhook is not sent twice"
+    );
+}
