@@ -92,6 +92,20 @@ pub enum Command {
         #[arg(long, default_value = "demo-data")]
         dir: PathBuf,
     },
+    /// Write sample customers.csv and events.jsonl (for trying things and benchmarks).
+    SampleData {
+        /// Output directory.
+        dir: PathBuf,
+        #[arg(long, default_value_t = 300)]
+        customers: usize,
+        #[arg(long, default_value_t = 10)]
+        events_per_customer: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// The generated histories end at this time (RFC 3339); default now.
+        #[arg(long, value_parser = parse_now)]
+        now: Option<DateTime<Utc>>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -293,6 +307,30 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             seed,
             dir,
         } => demo(&cli.config, customers, events_per_customer, seed, &dir).await,
+        Command::SampleData {
+            dir,
+            customers,
+            events_per_customer,
+            seed,
+            now,
+        } => {
+            let spec = crate::demo_data::SampleSpec {
+                customers,
+                events_per_customer,
+                seed,
+                now: now.unwrap_or_else(Utc::now),
+            };
+            let files = crate::demo_data::write_sample_data(&spec, &dir)
+                .with_context(|| format!("writing sample data to {}", dir.display()))?;
+            println!(
+                "Wrote {} customers to {} and {} events to {}",
+                files.customers,
+                files.customers_csv.display(),
+                files.events,
+                files.events_jsonl.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -44,13 +44,28 @@ impl Facts {
         tags: Vec<String>,
         now: DateTime<Utc>,
     ) -> Self {
+        Self::from_history(
+            customer,
+            events.into_iter().map(|e| (e.name, e.at, e.properties)),
+            tags,
+            now,
+        )
+    }
+
+    /// Builds facts from (name, time, properties) triples in any order.
+    pub fn from_history(
+        customer: Customer,
+        history: impl IntoIterator<Item = (String, DateTime<Utc>, Value)>,
+        tags: Vec<String>,
+        now: DateTime<Utc>,
+    ) -> Self {
         let mut by_name: HashMap<String, Vec<Occurrence>> = HashMap::new();
-        for e in events {
-            if e.at <= now {
-                by_name.entry(e.name).or_default().push(Occurrence {
-                    at: e.at,
-                    properties: e.properties,
-                });
+        for (name, at, properties) in history {
+            if at <= now {
+                by_name
+                    .entry(name)
+                    .or_default()
+                    .push(Occurrence { at, properties });
             }
         }
         for list in by_name.values_mut() {

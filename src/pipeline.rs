@@ -16,14 +16,16 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::deliver::{Deliverer, DeliveryReport};
-use crate::domain::{CustomerId, Email, Event};
+use crate::domain::{CustomerId, Email};
 use crate::engine::RuleSet;
 use crate::facts::Facts;
 use crate::plan::{
     ActionRequest, EmailPayload, EscalationPayload, OutboxKind, PlannedAction, WebhookPayload,
     dedup_key,
 };
-use crate::store::{NewAction, NewEscalation, PlanCommit, RuleErrorRecord, Store, StoreError};
+use crate::store::{
+    HistoryEvent, NewAction, NewEscalation, PlanCommit, RuleErrorRecord, Store, StoreError,
+};
 
 /// Customers evaluated per page.
 const PAGE: usize = 2_000;
@@ -51,6 +53,8 @@ pub struct RunSummary {
     pub customers: u64,
     pub evaluations: u64,
     pub evaluation_seconds: f64,
+    /// Of that, the time rules ran (all cores), without loading data.
+    pub rule_seconds: f64,
     pub rules: BTreeMap<String, RuleSummary>,
     pub errors: Vec<RuleErrorRecord>,
     pub delivery: DeliveryReport,
@@ -91,7 +95,10 @@ pub struct Evaluation {
     pub evaluations: u64,
     pub outgoing: Vec<Outgoing>,
     pub errors: Vec<RuleErrorRecord>,
+    /// Wall time of the whole evaluation phase (loading included).
     pub seconds: f64,
+    /// Wall time spent running rules (on all cores), loading excluded.
+    pub rule_seconds: f64,
 }
 
 /// Turns one planned action into what the store keeps. Pure.
@@ -103,13 +110,14 @@ pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) 
         customer_id,
         kind,
     } = action;
-    let action = |kind: OutboxKind, payload: Value| {
+    let action = |kind: OutboxKind, subject: String, payload: Result<String, serde_json::Error>| {
         Outgoing::Action(NewAction {
             customer_id: customer_id.clone(),
             rule: rule.clone(),
             kind,
             dedup_key: key.clone().unwrap_or_default(),
-            payload,
+            subject,
+            payload: payload.unwrap_or_else(|_| "null".into()),
         })
     };
     match kind {
@@ -119,24 +127,28 @@ pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) 
             vars,
         } => action(
             OutboxKind::Email,
-            serde_json::to_value(EmailPayload {
-                template,
-                key: k,
+            format!("{template} (key {k})"),
+            serde_json::to_string(&EmailPayload {
+                template: template.clone(),
+                key: k.clone(),
                 vars,
                 customer,
-            })
-            .unwrap_or(Value::Null),
+            }),
         ),
-        ActionRequest::Tag { name } => action(OutboxKind::Tag, json!({ "name": name })),
+        ActionRequest::Tag { name } => action(
+            OutboxKind::Tag,
+            name.clone(),
+            Ok(json!({ "name": name }).to_string()),
+        ),
         ActionRequest::Webhook { name, payload } => action(
             OutboxKind::Webhook,
-            serde_json::to_value(WebhookPayload {
+            name.clone(),
+            serde_json::to_string(&WebhookPayload {
                 name,
                 rule: rule.clone(),
                 customer_id: customer_id.clone(),
                 payload,
-            })
-            .unwrap_or(Value::Null),
+            }),
         ),
         ActionRequest::Escalate { reason } => {
             let owner = customer
@@ -163,15 +175,6 @@ pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) 
     }
 }
 
-/// Groups events (sorted by customer) per customer.
-fn group_events(events: Vec<Event>) -> HashMap<CustomerId, Vec<Event>> {
-    let mut map: HashMap<CustomerId, Vec<Event>> = HashMap::new();
-    for e in events {
-        map.entry(e.customer_id.clone()).or_default().push(e);
-    }
-    map
-}
-
 /// Loads the facts of one page of customers.
 async fn load_page(
     store: &dyn Store,
@@ -182,7 +185,11 @@ async fn load_page(
     let (Some(first), Some(last)) = (customers.first(), customers.last()) else {
         return Ok(Vec::new());
     };
-    let mut events = group_events(store.events_in_id_range(&first.id, &last.id, now).await?);
+    let mut histories: HashMap<CustomerId, Vec<HistoryEvent>> = store
+        .histories_in_id_range(&first.id, &last.id, now)
+        .await?
+        .into_iter()
+        .collect();
     let mut tags: HashMap<CustomerId, Vec<String>> = HashMap::new();
     for (id, tag) in store.tags_in_id_range(&first.id, &last.id).await? {
         tags.entry(id).or_default().push(tag);
@@ -190,9 +197,9 @@ async fn load_page(
     Ok(customers
         .into_iter()
         .map(|c| {
-            let ev = events.remove(&c.id).unwrap_or_default();
+            let history = histories.remove(&c.id).unwrap_or_default();
             let t = tags.remove(&c.id).unwrap_or_default();
-            Facts::new(c, ev, t, now)
+            Facts::from_history(c, history, t, now)
         })
         .collect())
 }
@@ -216,6 +223,7 @@ pub async fn evaluate(
         let owner = default_owner.clone();
         // Evaluate this page on the rayon pool while the next page loads.
         let evaluating = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
             let results: Vec<(Vec<Outgoing>, Vec<RuleErrorRecord>)> = page
                 .into_par_iter()
                 .map(|facts| {
@@ -241,13 +249,14 @@ pub async fn evaluate(
                     (outgoing, errors)
                 })
                 .collect();
-            results
+            (results, started.elapsed().as_secs_f64())
         });
         let next = load_page(store, after.as_ref(), now).await?;
-        let results = evaluating.await.map_err(|e| StoreError::Corrupt {
+        let (results, rule_seconds) = evaluating.await.map_err(|e| StoreError::Corrupt {
             table: "evaluation",
             message: format!("evaluation task failed: {e}"),
         })?;
+        out.rule_seconds += rule_seconds;
         let n = results.len() as u64;
         out.customers += n;
         out.evaluations += n * rules.rules().len() as u64;
@@ -268,22 +277,9 @@ fn kind_label(o: &Outgoing) -> (&'static str, String) {
     match o {
         Outgoing::Escalation(e) => ("escalation", format!("escalate: {}", e.reason)),
         Outgoing::Action(a) => match a.kind {
-            OutboxKind::Email => (
-                "email",
-                format!(
-                    "email {} (key {})",
-                    a.payload["template"].as_str().unwrap_or("?"),
-                    a.payload["key"].as_str().unwrap_or("?")
-                ),
-            ),
-            OutboxKind::Tag => (
-                "tag",
-                format!("tag {}", a.payload["name"].as_str().unwrap_or("?")),
-            ),
-            OutboxKind::Webhook => (
-                "webhook",
-                format!("webhook {}", a.payload["name"].as_str().unwrap_or("?")),
-            ),
+            OutboxKind::Email => ("email", format!("email {}", a.subject)),
+            OutboxKind::Tag => ("tag", format!("tag {}", a.subject)),
+            OutboxKind::Webhook => ("webhook", format!("webhook {}", a.subject)),
             OutboxKind::EscalationNotice => ("escalation", "escalation notice".into()),
         },
     }
@@ -344,6 +340,7 @@ pub async fn run(
         customers: eval.customers,
         evaluations: eval.evaluations,
         evaluation_seconds: eval.seconds,
+        rule_seconds: eval.rule_seconds,
         rules: tally(&rules, &eval),
         errors: eval
             .errors

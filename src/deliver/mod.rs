@@ -36,7 +36,7 @@ use smtp::{SendError, SmtpPool, SmtpTarget};
 pub const ESCALATION_TEMPLATE: &str = "escalation";
 /// Items claimed at once per unit of concurrency: small claims keep the
 /// work a dead process leaves behind (until its lease expires) small.
-const CLAIM_PER_WORKER: usize = 8;
+const CLAIM_PER_WORKER: usize = 32;
 
 /// Where email goes.
 pub enum MailTransport {
@@ -176,10 +176,10 @@ impl Deliverer {
                 .buffer_unordered(self.policy.concurrency)
                 .collect()
                 .await;
-            for (id, result) in results {
-                self.store.record_attempt(id, &result, Utc::now()).await?;
-                log_result(id, &result);
-                report.add(&result);
+            self.store.record_attempts(&results, Utc::now()).await?;
+            for (id, result) in &results {
+                log_result(*id, result);
+                report.add(result);
             }
         }
     }

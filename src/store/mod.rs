@@ -39,6 +39,9 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// One event in a customer's history (what evaluation needs of an event).
+pub type HistoryEvent = (String, DateTime<Utc>, Value);
+
 /// Outcome of upserting one customer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Upsert {
@@ -60,7 +63,11 @@ pub struct NewAction {
     pub rule: String,
     pub kind: OutboxKind,
     pub dedup_key: String,
-    pub payload: Value,
+    /// What the action is about, for reports: `template/key` of an email,
+    /// the tag's name (which committing applies), the webhook's name.
+    pub subject: String,
+    /// The payload as JSON text (kept serialized: a big run holds many).
+    pub payload: String,
 }
 
 /// A request to open an escalation (and notify its owner).
@@ -252,6 +259,14 @@ pub trait Store: Send + Sync {
         last: &CustomerId,
         until: DateTime<Utc>,
     ) -> StoreResult<Vec<Event>>;
+    /// The same events grouped per customer, as (name, time, properties),
+    /// for evaluation: one row per customer instead of one per event.
+    async fn histories_in_id_range(
+        &self,
+        first: &CustomerId,
+        last: &CustomerId,
+        until: DateTime<Utc>,
+    ) -> StoreResult<Vec<(CustomerId, Vec<HistoryEvent>)>>;
     async fn tags_in_id_range(
         &self,
         first: &CustomerId,
@@ -285,11 +300,11 @@ pub trait Store: Send + Sync {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> StoreResult<Vec<OutboxItem>>;
-    /// Records how an attempt ended. Only a row still in `sending` changes.
-    async fn record_attempt(
+    /// Records how attempts ended, in one transaction. Only rows still in
+    /// `sending` change.
+    async fn record_attempts(
         &self,
-        id: i64,
-        result: &AttemptResult,
+        results: &[(i64, AttemptResult)],
         at: DateTime<Utc>,
     ) -> StoreResult<()>;
     /// When the next pending action becomes due, if any.

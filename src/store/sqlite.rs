@@ -17,8 +17,12 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use super::*;
 use crate::domain::{Customer, CustomerId, CustomerPatch, Email, EngagementModel, Event};
 
-/// Rows per multi-row INSERT (each event binds 6 values; SQLite allows 32766).
+/// Rows per multi-row INSERT (each event binds 5 values; SQLite allows 32766).
 const EVENT_CHUNK: usize = 500;
+/// Customers per existence check.
+const CUSTOMER_CHUNK: usize = 1_000;
+/// Actions per multi-row INSERT (10 values each).
+const ACTION_CHUNK: usize = 500;
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -134,41 +138,53 @@ impl Store for SqliteStore {
         let mut tx = self.immediate().await?;
         let now = to_millis(Utc::now());
         let mut outcomes = Vec::with_capacity(patches.len());
-        for p in patches {
-            let existed: Option<i64> = sqlx::query_scalar("SELECT 1 FROM customers WHERE id = ?")
-                .bind(p.id.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            let traits = Value::Object(p.traits.clone()).to_string();
-            sqlx::query(
-                "INSERT INTO customers (id, email, name, created_at, timezone, model, owner, traits, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, COALESCE(?6, 'low-touch'), ?7, ?8, ?9)
-                 ON CONFLICT (id) DO UPDATE SET
-                    email = COALESCE(?2, email),
-                    name = COALESCE(?3, name),
-                    created_at = COALESCE(?4, created_at),
-                    timezone = COALESCE(?5, timezone),
-                    model = COALESCE(?6, model),
-                    owner = COALESCE(?7, owner),
-                    traits = json_patch(traits, ?8),
-                    updated_at = ?9",
+        for chunk in patches.chunks(CUSTOMER_CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(|p| p.id.as_str()).collect();
+            let mut known: HashSet<String> = sqlx::query_scalar(
+                "SELECT id FROM customers WHERE id IN (SELECT value FROM json_each(?))",
             )
-            .bind(p.id.as_str())
-            .bind(p.email.as_ref().map(Email::as_str))
-            .bind(p.name.as_deref())
-            .bind(p.created_at.map(to_millis))
-            .bind(p.timezone.as_deref())
-            .bind(p.model.map(EngagementModel::as_str))
-            .bind(p.owner.as_ref().map(Email::as_str))
-            .bind(traits)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            outcomes.push(if existed.is_some() {
-                Upsert::Updated
-            } else {
-                Upsert::Inserted
-            });
+            .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+            // A file may name the same customer twice; later rows win, and
+            // each row after the first counts as an update.
+            for p in chunk {
+                outcomes.push(if known.insert(p.id.as_str().to_owned()) {
+                    Upsert::Inserted
+                } else {
+                    Upsert::Updated
+                });
+            }
+            for p in chunk {
+                // One statement per row keeps "later rows win" simple for
+                // repeated ids; the surrounding transaction keeps it fast.
+                sqlx::query(
+                    "INSERT INTO customers (id, email, name, created_at, timezone, model, owner, traits, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, COALESCE(?6, 'low-touch'), ?7, ?8, ?9)
+                     ON CONFLICT (id) DO UPDATE SET
+                        email = COALESCE(excluded.email, email),
+                        name = COALESCE(excluded.name, name),
+                        created_at = COALESCE(excluded.created_at, created_at),
+                        timezone = COALESCE(excluded.timezone, timezone),
+                        model = COALESCE(?6, model),
+                        owner = COALESCE(excluded.owner, owner),
+                        traits = json_patch(traits, excluded.traits),
+                        updated_at = excluded.updated_at",
+                )
+                .bind(p.id.as_str())
+                .bind(p.email.as_ref().map(Email::as_str))
+                .bind(p.name.as_deref())
+                .bind(p.created_at.map(to_millis))
+                .bind(p.timezone.as_deref())
+                .bind(p.model.map(EngagementModel::as_str))
+                .bind(p.owner.as_ref().map(Email::as_str))
+                .bind(Value::Object(p.traits.clone()).to_string())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(outcomes)
@@ -243,6 +259,41 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(event_from_row).collect()
+    }
+
+    async fn histories_in_id_range(
+        &self,
+        first: &CustomerId,
+        last: &CustomerId,
+        until: DateTime<Utc>,
+    ) -> StoreResult<Vec<(CustomerId, Vec<HistoryEvent>)>> {
+        // SQLite builds one JSON array per customer; rows cross the driver's
+        // channel once per customer instead of once per event.
+        let rows = sqlx::query(
+            "SELECT customer_id, json_group_array(json_array(name, at, json(properties))) AS history
+             FROM events WHERE customer_id >= ? AND customer_id <= ? AND at <= ?
+             GROUP BY customer_id ORDER BY customer_id",
+        )
+        .bind(first.as_str())
+        .bind(last.as_str())
+        .bind(to_millis(until))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get(0)?;
+                let id = CustomerId::parse(&id).map_err(|e| corrupt("events", e.to_string()))?;
+                let history: &str = r.try_get(1)?;
+                let raw: Vec<(String, i64, Value)> =
+                    serde_json::from_str(history).map_err(|e| corrupt("events", e.to_string()))?;
+                Ok((
+                    id,
+                    raw.into_iter()
+                        .map(|(name, at, props)| (name, from_millis(at), props))
+                        .collect(),
+                ))
+            })
+            .collect()
     }
 
     async fn tags_in_id_range(
@@ -328,50 +379,56 @@ impl Store for SqliteStore {
         .await?;
 
         let mut per_rule: BTreeMap<String, RuleCommitCounts> = BTreeMap::new();
-        for a in &plan.actions {
-            let status = if a.kind == OutboxKind::Tag {
-                "done"
-            } else {
-                "pending"
-            };
-            let done_at = (a.kind == OutboxKind::Tag).then_some(now_ms);
-            let inserted = sqlx::query(
+        // Multi-row inserts: one statement per chunk instead of per action.
+        // RETURNING names the rows that were new; the rest were deduplicated.
+        for chunk in plan.actions.chunks(ACTION_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO actions (run_id, customer_id, rule, kind, dedup_key, payload, status,
-                                      next_attempt_at, created_at, finished_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (dedup_key) DO NOTHING",
-            )
-            .bind(run_id)
-            .bind(a.customer_id.as_str())
-            .bind(&a.rule)
-            .bind(a.kind.as_str())
-            .bind(&a.dedup_key)
-            .bind(a.payload.to_string())
-            .bind(status)
-            .bind(now_ms)
-            .bind(now_ms)
-            .bind(done_at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if inserted && a.kind == OutboxKind::Tag {
-                let tag = a.payload.get("name").and_then(Value::as_str).unwrap_or("");
-                sqlx::query(
-                    "INSERT INTO customer_tags (customer_id, tag, created_at) VALUES (?, ?, ?)
-                     ON CONFLICT DO NOTHING",
-                )
-                .bind(a.customer_id.as_str())
-                .bind(tag)
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await?;
+                                      next_attempt_at, created_at, finished_at) ",
+            );
+            qb.push_values(chunk, |mut b, a| {
+                let is_tag = a.kind == OutboxKind::Tag;
+                b.push_bind(run_id)
+                    .push_bind(a.customer_id.as_str().to_owned())
+                    .push_bind(a.rule.clone())
+                    .push_bind(a.kind.as_str())
+                    .push_bind(a.dedup_key.clone())
+                    .push_bind(a.payload.clone())
+                    .push_bind(if is_tag { "done" } else { "pending" })
+                    .push_bind(now_ms)
+                    .push_bind(now_ms)
+                    .push_bind(is_tag.then_some(now_ms));
+            });
+            qb.push(" ON CONFLICT (dedup_key) DO NOTHING RETURNING dedup_key");
+            let inserted: HashSet<String> = qb
+                .build()
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<Result<_, _>>()?;
+            let mut tags = Vec::new();
+            for a in chunk {
+                let counts = per_rule.entry(a.rule.clone()).or_default();
+                if inserted.contains(&a.dedup_key) {
+                    counts.planned += 1;
+                    if a.kind == OutboxKind::Tag {
+                        tags.push(a);
+                    }
+                } else {
+                    counts.deduplicated += 1;
+                }
             }
-            let counts = per_rule.entry(a.rule.clone()).or_default();
-            if inserted {
-                counts.planned += 1;
-            } else {
-                counts.deduplicated += 1;
+            if !tags.is_empty() {
+                let mut qb: QueryBuilder<Sqlite> =
+                    QueryBuilder::new("INSERT INTO customer_tags (customer_id, tag, created_at) ");
+                qb.push_values(tags, |mut b, a| {
+                    b.push_bind(a.customer_id.as_str().to_owned())
+                        .push_bind(a.subject.clone())
+                        .push_bind(now_ms);
+                });
+                qb.push(" ON CONFLICT DO NOTHING");
+                qb.build().execute(&mut *tx).await?;
             }
         }
 
@@ -529,40 +586,43 @@ impl Store for SqliteStore {
         Ok(items)
     }
 
-    async fn record_attempt(
+    async fn record_attempts(
         &self,
-        id: i64,
-        result: &AttemptResult,
+        results: &[(i64, AttemptResult)],
         at: DateTime<Utc>,
     ) -> StoreResult<()> {
         let at = to_millis(at);
-        let q = match result {
-            AttemptResult::Sent { detail } => sqlx::query(
-                "UPDATE actions SET status = 'sent', last_error = NULL, finished_at = ?, lease_until = NULL,
-                 payload = json_set(payload, '$.delivery', ?) WHERE id = ? AND status = 'sending'",
-            )
-            .bind(at)
-            .bind(detail.clone()),
-            AttemptResult::Retry { error, retry_at } => sqlx::query(
-                "UPDATE actions SET status = 'pending', last_error = ?, next_attempt_at = ?, lease_until = NULL
-                 WHERE id = ? AND status = 'sending'",
-            )
-            .bind(error.clone())
-            .bind(to_millis(*retry_at)),
-            AttemptResult::Failed { error } => sqlx::query(
-                "UPDATE actions SET status = 'failed', last_error = ?, finished_at = ?, lease_until = NULL
-                 WHERE id = ? AND status = 'sending'",
-            )
-            .bind(error.clone())
-            .bind(at),
-            AttemptResult::Dead { error } => sqlx::query(
-                "UPDATE actions SET status = 'dead', last_error = ?, finished_at = ?, lease_until = NULL
-                 WHERE id = ? AND status = 'sending'",
-            )
-            .bind(error.clone())
-            .bind(at),
-        };
-        q.bind(id).execute(&self.pool).await?;
+        let mut tx = self.immediate().await?;
+        for (id, result) in results {
+            let q = match result {
+                AttemptResult::Sent { detail } => sqlx::query(
+                    "UPDATE actions SET status = 'sent', last_error = NULL, finished_at = ?, lease_until = NULL,
+                     payload = json_set(payload, '$.delivery', ?) WHERE id = ? AND status = 'sending'",
+                )
+                .bind(at)
+                .bind(detail.clone()),
+                AttemptResult::Retry { error, retry_at } => sqlx::query(
+                    "UPDATE actions SET status = 'pending', last_error = ?, next_attempt_at = ?, lease_until = NULL
+                     WHERE id = ? AND status = 'sending'",
+                )
+                .bind(error.clone())
+                .bind(to_millis(*retry_at)),
+                AttemptResult::Failed { error } => sqlx::query(
+                    "UPDATE actions SET status = 'failed', last_error = ?, finished_at = ?, lease_until = NULL
+                     WHERE id = ? AND status = 'sending'",
+                )
+                .bind(error.clone())
+                .bind(at),
+                AttemptResult::Dead { error } => sqlx::query(
+                    "UPDATE actions SET status = 'dead', last_error = ?, finished_at = ?, lease_until = NULL
+                     WHERE id = ? AND status = 'sending'",
+                )
+                .bind(error.clone())
+                .bind(at),
+            };
+            q.bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
