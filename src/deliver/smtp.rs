@@ -171,7 +171,7 @@ impl SmtpPool {
                 &Credentials::new(user.clone(), pass.clone()),
             )
             .await
-            .map_err(classify)?;
+            .map_err(|e| transient(format!("SMTP login as {user:?} failed: {e}")))?;
         }
         Ok(conn)
     }
@@ -181,6 +181,8 @@ impl SmtpPool {
         let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
         let mut conn = match pooled {
             Some(c) => c,
+            // Failing to connect, greet, start TLS or log in is our problem or
+            // the server's, never the message's: always retried.
             None => tokio::time::timeout(self.timeout, self.connect())
                 .await
                 .map_err(|_| {
@@ -188,7 +190,11 @@ impl SmtpPool {
                         "no SMTP greeting from {}:{} within {:?}",
                         self.target.host, self.target.port, self.timeout
                     ))
-                })??,
+                })?
+                .map_err(|e| SendError {
+                    permanent: false,
+                    ..e
+                })?,
         };
         let sent = tokio::time::timeout(self.timeout, conn.send(envelope, body)).await;
         match sent {

@@ -471,3 +471,172 @@ async fn dry_run_writes_and_sends_nothing() {
     app.run_at(NOW).await;
     assert_eq!(app.smtp.count(), 8);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_shows_facts_rule_outcomes_and_history() {
+    let app = app_with_data().await;
+    let before = app
+        .engaged(&["explain", "detr", "--now", NOW, "--json"])
+        .await;
+    assert_eq!(before.code, 0, "{}", before.stderr);
+    let e = before.json();
+    assert_eq!(e["customer"]["email"], "fay@example.com");
+    assert_eq!(e["facts"]["events"]["nps_submitted"]["count"], 1);
+    let nps = e["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule"] == "nps")
+        .unwrap();
+    assert_eq!(nps["outcome"], "actions");
+    assert!(
+        nps["actions"][0]["status"]
+            .as_str()
+            .unwrap()
+            .starts_with("new"),
+        "{nps}"
+    );
+    let welcome = e["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule"] == "welcome")
+        .unwrap();
+    assert_eq!(welcome["outcome"], "nothing");
+
+    app.run_at(NOW).await;
+    let after = app
+        .engaged(&["explain", "detr", "--now", NOW, "--json"])
+        .await
+        .json();
+    let nps = after["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule"] == "nps")
+        .unwrap();
+    assert!(
+        nps["actions"][0]["status"]
+            .as_str()
+            .unwrap()
+            .contains("already open"),
+        "{nps}"
+    );
+    let history = after["history"].as_array().unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|h| h["kind"] == "escalation_notice" && h["status"] == "sent"),
+        "{history:?}"
+    );
+    // The human-readable form names the same things.
+    let text = app.engaged(&["explain", "detr", "--now", NOW]).await;
+    assert!(text.stdout.contains("nps:"), "{}", text.stdout);
+    assert!(text.stdout.contains("Escalation"), "{}", text.stdout);
+    let missing = app.engaged(&["explain", "nobody"]).await;
+    assert_eq!(missing.code, 1);
+    assert!(missing.stderr.contains("no customer"), "{}", missing.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_runs_from_a_bare_directory_and_writes_eml_files() {
+    let app = TestApp::new().await;
+    // No config file at all: every default must work (SQLite ./engaged.db, ./outbox/).
+    std::fs::remove_file(app.path("engaged.toml")).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_engaged"))
+        .current_dir(app.dir.path())
+        .args(["demo", "--customers", "60"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("60 imported"), "{stdout}");
+    assert!(stdout.contains("welcome"), "{stdout}");
+    assert!(app.path("engaged.db").exists());
+    let emls: Vec<_> = std::fs::read_dir(app.path("outbox"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!emls.is_empty());
+    assert!(emls.iter().all(|p| p.extension().unwrap() == "eml"));
+    let sent: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("delivery: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(sent as usize, emls.len(), "one file per delivered email");
+    let first = std::fs::read_to_string(&emls[0]).unwrap();
+    assert!(first.contains("Message-ID: <"), "{first}");
+    assert_eq!(app.smtp.count(), 0, "the demo used the file transport");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_credentials_from_the_url_are_used_and_wrong_ones_fail_clearly() {
+    let app = app_with_data().await;
+    app.smtp.require_auth("mailer", "s3cr3t/+");
+    let port = app.smtp.port();
+    let wrong = app
+        .command(&["run", "--now", NOW, "--json"])
+        .env(
+            "ENGAGED_MAIL__SMTP_URL",
+            format!("smtp://mailer:nope@127.0.0.1:{port}"),
+        )
+        .env("ENGAGED_DELIVERY__RUN_RETRY_WINDOW_MS", "0")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(app.smtp.count(), 0);
+    let summary: serde_json::Value = serde_json::from_slice(&wrong.stdout).unwrap();
+    assert_eq!(summary["delivery"]["sent"], 0);
+    assert_eq!(
+        summary["delivery"]["failed"], 0,
+        "a login failure is not the message's fault"
+    );
+    let store = app.store().await;
+    let actions = store
+        .actions_for_run(summary["run_id"].as_i64().unwrap())
+        .await
+        .unwrap();
+    let email = actions.iter().find(|a| a.kind == "email").unwrap();
+    assert_eq!(email.status, "pending");
+    let error = email.last_error.as_deref().unwrap();
+    assert!(
+        error.contains("login as \"mailer\" failed") && error.contains("535"),
+        "{error}"
+    );
+    assert!(!error.contains("nope"), "{error}");
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !stderr.contains("nope"),
+        "the password is never printed: {stderr}"
+    );
+
+    // The password is percent-encoded in the URL, as in lettre's URL form.
+    let ok = app
+        .command(&["run", "--now", NOW, "--json"])
+        .env(
+            "ENGAGED_MAIL__SMTP_URL",
+            format!("smtp://mailer:s3cr3t%2F%2B@127.0.0.1:{port}"),
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let messages = app.smtp.messages();
+    assert_eq!(messages.len(), 8, "the failed attempts are delivered now");
+    assert!(
+        messages
+            .iter()
+            .all(|m| m.authenticated_as.as_deref() == Some("mailer"))
+    );
+}

@@ -24,6 +24,8 @@ pub struct ReceivedMessage {
     /// The message as transmitted, dot-stuffing undone, CRLF line endings kept,
     /// without the terminating `.` line.
     pub data: Vec<u8>,
+    /// The user name the session authenticated as (AUTH PLAIN), if any.
+    pub authenticated_as: Option<String>,
 }
 
 impl ReceivedMessage {
@@ -89,6 +91,8 @@ struct State {
     /// Lower-cased recipient -> DATA transactions seen.
     attempts: HashMap<String, usize>,
     connections: usize,
+    /// When set, sessions must `AUTH PLAIN` with these credentials before MAIL.
+    required_auth: Option<(String, String)>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -209,6 +213,11 @@ impl SmtpServer {
     pub fn connections(&self) -> usize {
         lock(&self.state).connections
     }
+
+    /// From now on, sessions must `AUTH PLAIN` as `user`/`pass` before sending.
+    pub fn require_auth(&self, user: &str, pass: &str) {
+        lock(&self.state).required_auth = Some((user.to_owned(), pass.to_owned()));
+    }
 }
 
 impl Drop for SmtpServer {
@@ -256,6 +265,7 @@ async fn session(stream: TcpStream, state: Shared) -> std::io::Result<()> {
     let mut mail_from: Option<String> = None;
     let mut rcpt_to: Vec<String> = Vec::new();
     let mut line = Vec::new();
+    let mut authenticated_as: Option<String> = None;
 
     reply(&mut w, "220 localhost ESMTP test\r\n").await?;
 
@@ -275,7 +285,40 @@ async fn session(stream: TcpStream, state: Shared) -> std::io::Result<()> {
             "EHLO" => {
                 mail_from = None;
                 rcpt_to.clear();
-                reply(&mut w, "250-localhost\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n").await?;
+                if lock(&state).required_auth.is_some() {
+                    reply(
+                        &mut w,
+                        "250-localhost\r\n250-8BITMIME\r\n250-AUTH PLAIN\r\n250 SMTPUTF8\r\n",
+                    )
+                    .await?;
+                } else {
+                    reply(&mut w, "250-localhost\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n").await?;
+                }
+            }
+            "AUTH" => {
+                use base64::Engine as _;
+                let required = lock(&state).required_auth.clone();
+                let given = strip_prefix_ci(arg, "PLAIN ")
+                    .and_then(|b| {
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b.trim())
+                            .ok()
+                    })
+                    .and_then(|raw| String::from_utf8(raw).ok())
+                    .and_then(|s| {
+                        let mut parts = s.split('\0').skip(1);
+                        Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+                    });
+                match (required, given) {
+                    (Some(req), Some(given)) if req == given => {
+                        authenticated_as = Some(given.0);
+                        reply(&mut w, "235 2.7.0 Authentication successful\r\n").await?;
+                    }
+                    _ => reply(&mut w, "535 5.7.8 Authentication credentials invalid\r\n").await?,
+                }
+            }
+            "MAIL" if lock(&state).required_auth.is_some() && authenticated_as.is_none() => {
+                reply(&mut w, "530 5.7.0 Authentication required\r\n").await?;
             }
             "HELO" => {
                 mail_from = None;
@@ -319,7 +362,8 @@ async fn session(stream: TcpStream, state: Shared) -> std::io::Result<()> {
                 let Some(data) = read_data(&mut r).await? else {
                     return Ok(()); // disconnected mid-DATA: drop the message
                 };
-                let answer = finish_transaction(&state, from, rcpts, data);
+                let answer =
+                    finish_transaction(&state, from, rcpts, data, authenticated_as.clone());
                 reply(&mut w, &answer).await?;
             }
             "RSET" => {
@@ -359,7 +403,13 @@ async fn read_data<R: AsyncBufReadExt + Unpin>(r: &mut R) -> std::io::Result<Opt
 }
 
 /// Record the attempt, apply refusal rules, store if accepted; returns the reply.
-fn finish_transaction(state: &Shared, from: String, rcpts: Vec<String>, data: Vec<u8>) -> String {
+fn finish_transaction(
+    state: &Shared,
+    from: String,
+    rcpts: Vec<String>,
+    data: Vec<u8>,
+    authenticated_as: Option<String>,
+) -> String {
     let mut st = lock(state);
     let keys: Vec<String> = rcpts.iter().map(|r| normalise(r)).collect();
     for key in &keys {
@@ -389,6 +439,7 @@ fn finish_transaction(state: &Shared, from: String, rcpts: Vec<String>, data: Ve
                 mail_from: from,
                 rcpt_to: rcpts,
                 data,
+                authenticated_as,
             });
             "250 2.0.0 OK: queued\r\n".to_string()
         }
