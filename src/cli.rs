@@ -18,6 +18,7 @@ use crate::domain::{CustomerId, Email, parse_timestamp};
 use crate::engine::RuleSet;
 use crate::facts::Facts;
 use crate::ingest::{self, ImportReport};
+use crate::library::{Library, LibraryHandle};
 use crate::pipeline::{self, RunOptions, RunSummary};
 use crate::store::{self, Store};
 use crate::templates::Templates;
@@ -30,9 +31,10 @@ use crate::unsubscribe::{Signer, random_secret};
     about = "Customer-engagement automation with rules as code"
 )]
 pub struct Cli {
-    /// Configuration file (TOML). Without one, every setting has a working default.
-    #[arg(long, global = true, default_value = "engaged.toml")]
-    pub config: PathBuf,
+    /// Configuration file (TOML) [default: engaged.toml, optional]. Without
+    /// one, every setting has a working default.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -129,7 +131,9 @@ fn parse_now(s: &str) -> Result<DateTime<Utc>, String> {
 /// Runs the command line; returns the process exit code.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    if !matches!(cli.command, Command::Serve) {
+        init_logging();
+    }
     match dispatch(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -137,6 +141,34 @@ pub async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+async fn serve(config_path: Option<&Path>) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    init_service_logging(&config.log);
+    let listener = tokio::net::TcpListener::bind(&config.http.listen)
+        .await
+        .with_context(|| format!("listening on {} (http.listen)", config.http.listen))?;
+    let daemon = crate::daemon::Daemon::new(config, Arc::new(crate::clock::SystemClock)).await?;
+    daemon
+        .serve(listener, crate::daemon::shutdown_signal())
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `engaged serve` logs to stdout, human-readable or JSON (`[log]`).
+fn init_service_logging(log: &crate::config::LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("ENGAGED_LOG")
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _ = match log.format {
+        crate::config::LogFormat::Json => builder.json().try_init(),
+        crate::config::LogFormat::Human => builder.try_init(),
+    };
 }
 
 fn init_logging() {
@@ -154,13 +186,24 @@ struct App {
     store: Arc<dyn Store>,
 }
 
+/// Loads the config: an explicitly named file must exist; the default
+/// `engaged.toml` is optional.
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p, true)?,
+        None => Config::load(Path::new("engaged.toml"), false)?,
+    })
+}
+
 impl App {
-    async fn open(config_path: &Path) -> Result<Self> {
-        let explicit = config_path != Path::new("engaged.toml");
-        let config = Config::load(config_path, explicit)?;
-        let store = store::open(&config.database.url)
-            .await
-            .with_context(|| format!("opening the database {}", config.database.url))?;
+    async fn open(config_path: Option<&Path>) -> Result<Self> {
+        let config = load_config(config_path)?;
+        let store = store::open(&config.database.url).await.with_context(|| {
+            format!(
+                "opening the database {}",
+                crate::config::redact_url(&config.database.url)
+            )
+        })?;
         Ok(Self { config, store })
     }
 
@@ -198,12 +241,12 @@ impl App {
         Ok(Signer::new(&secret))
     }
 
-    async fn deliverer(&self, templates: Arc<Templates>) -> Result<Deliverer> {
+    async fn deliverer(&self, library: Arc<LibraryHandle>) -> Result<Deliverer> {
         let signer = self.signer().await?;
         Ok(Deliverer::new(
             &self.config,
             Arc::clone(&self.store),
-            templates,
+            library,
             signer,
         )?)
     }
@@ -211,9 +254,9 @@ impl App {
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Check => check(&cli.config),
+        Command::Check => check(cli.config.as_deref()),
         Command::Import { what } => {
-            let app = App::open(&cli.config).await?;
+            let app = App::open(cli.config.as_deref()).await?;
             let report = match what {
                 ImportCommand::Customers { file } => {
                     ingest::import_customers(Arc::clone(&app.store), &file).await?
@@ -230,7 +273,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Run { now, dry_run, json } => {
-            let app = App::open(&cli.config).await?;
+            let app = App::open(cli.config.as_deref()).await?;
             let summary = run(&app, now.unwrap_or_else(Utc::now), dry_run, "cli").await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -243,13 +286,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::Serve => {
-            bail!(
-                "`engaged serve` (the daemon) is not built yet; use `engaged run` from cron meanwhile"
-            )
-        }
+        Command::Serve => serve(cli.config.as_deref()).await,
         Command::Escalations { json, all, action } => {
-            let app = App::open(&cli.config).await?;
+            let app = App::open(cli.config.as_deref()).await?;
             match action {
                 Some(EscalationCommand::Resolve { id }) => {
                     if app.store.resolve_escalation(id, Utc::now()).await? {
@@ -294,7 +333,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             explain(
-                &cli.config,
+                cli.config.as_deref(),
                 &customer_id,
                 now.unwrap_or_else(Utc::now),
                 json,
@@ -306,7 +345,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             events_per_customer,
             seed,
             dir,
-        } => demo(&cli.config, customers, events_per_customer, seed, &dir).await,
+        } => {
+            demo(
+                cli.config.as_deref(),
+                customers,
+                events_per_customer,
+                seed,
+                &dir,
+            )
+            .await
+        }
         Command::SampleData {
             dir,
             customers,
@@ -339,7 +387,8 @@ async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, trigger: &str) -> Res
     let deliverer = if dry_run {
         None
     } else {
-        Some(app.deliverer(templates).await?)
+        let library = Library::from_parts(Arc::clone(&rules), templates);
+        Some(app.deliverer(Arc::new(LibraryHandle::new(library))).await?)
     };
     let progress = progress_bar(app.store.customer_count().await?);
     let opts = RunOptions {
@@ -347,6 +396,7 @@ async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, trigger: &str) -> Res
         dry_run,
         trigger: trigger.to_owned(),
         retry_window: Duration::from_millis(app.config.delivery.run_retry_window_ms),
+        only_rules: None,
     };
     let summary = pipeline::run(
         Arc::clone(&app.store),
@@ -376,9 +426,8 @@ fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-fn check(config_path: &Path) -> Result<ExitCode> {
-    let explicit = config_path != Path::new("engaged.toml");
-    let config = Config::load(config_path, explicit)?;
+fn check(config_path: Option<&Path>) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
     let (templates, template_errors) = Templates::load(&config.templates.dir);
     let (rules, rule_errors) = RuleSet::load(&config.rules.dir, Some(Arc::new(templates.names())));
     let mut errors: Vec<String> = template_errors.iter().map(ToString::to_string).collect();
@@ -481,7 +530,7 @@ fn print_summary(s: &RunSummary) {
 }
 
 async fn explain(
-    config_path: &Path,
+    config_path: Option<&Path>,
     customer_id: &str,
     now: DateTime<Utc>,
     json: bool,
@@ -624,7 +673,7 @@ fn print_explain(r: &serde_json::Value) {
 }
 
 async fn demo(
-    config_path: &Path,
+    config_path: Option<&Path>,
     customers: usize,
     events_per_customer: usize,
     seed: u64,

@@ -25,6 +25,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub webhooks: BTreeMap<String, WebhookConfig>,
     pub schedules: Vec<ScheduleConfig>,
+    pub log: LogConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +92,7 @@ pub struct MailConfig {
     /// Where the file transport writes `.eml` files.
     pub outbox_dir: PathBuf,
     /// Provider limit in messages per second; 0 means unlimited.
+    #[serde(deserialize_with = "number")]
     pub rate_per_second: u32,
     /// Address for `List-Unsubscribe: <mailto:…>`; default `unsubscribe@<from domain>`.
     pub unsubscribe_mailto: Option<String>,
@@ -124,20 +126,30 @@ impl MailConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
     /// Concurrent SMTP connections / webhook requests.
+    #[serde(deserialize_with = "number")]
     pub concurrency: usize,
     /// Attempts before an action is given up as dead.
+    #[serde(deserialize_with = "number")]
     pub max_attempts: u32,
     /// First retry delay in milliseconds; doubles each attempt (with jitter).
+    #[serde(deserialize_with = "number")]
     pub retry_base_ms: u64,
     /// Longest retry delay in milliseconds.
+    #[serde(deserialize_with = "number")]
     pub retry_max_ms: u64,
     /// How long `engaged run` keeps retrying transient failures before leaving
     /// them pending for the next run or the daemon, in milliseconds.
+    #[serde(deserialize_with = "number")]
     pub run_retry_window_ms: u64,
     /// SMTP command timeout in milliseconds.
+    #[serde(deserialize_with = "number")]
     pub timeout_ms: u64,
+    /// `engaged serve`: how long shutdown waits for sends in flight.
+    #[serde(deserialize_with = "number")]
+    pub shutdown_grace_ms: u64,
     /// How long a claimed action stays reserved for the process that claimed
     /// it; if that process dies, another delivers the action after this.
+    #[serde(deserialize_with = "number")]
     pub lease_ms: u64,
 }
 
@@ -150,6 +162,7 @@ impl Default for DeliveryConfig {
             retry_max_ms: 6 * 3600 * 1000,
             run_retry_window_ms: 60_000,
             timeout_ms: 30_000,
+            shutdown_grace_ms: 10_000,
             lease_ms: 120_000,
         }
     }
@@ -220,15 +233,65 @@ pub struct WebhookConfig {
 #[serde(deny_unknown_fields)]
 pub struct ScheduleConfig {
     pub name: String,
+    /// 5 fields, or 6 with seconds first.
     pub cron: String,
+    /// IANA name; fire times follow this zone's wall clock across DST changes.
     #[serde(default = "utc")]
     pub timezone: String,
+    /// Optional subset of rule ids; default all rules.
     #[serde(default)]
     pub rules: Option<Vec<String>>,
+    /// What to do about a firing missed while the daemon was down.
+    #[serde(default)]
+    pub missed: MissedPolicy,
+    /// `catch_up` only runs a missed firing this recent (minutes).
+    #[serde(default = "default_grace_minutes", deserialize_with = "number")]
+    pub grace_minutes: u32,
+}
+
+/// Policy for firings missed while the daemon was down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissedPolicy {
+    /// Run once at start (within `grace_minutes`), then resume the schedule.
+    #[default]
+    CatchUp,
+    /// Record the missed firing as skipped and wait for the next one.
+    Skip,
 }
 
 fn utc() -> String {
     "UTC".into()
+}
+
+fn default_grace_minutes() -> u32 {
+    12 * 60
+}
+
+/// `[log]`: how `engaged serve` logs (to stdout).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `engaged=debug`; `ENGAGED_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
 }
 
 /// A string that is never printed: `Debug` shows `"***"`.
@@ -297,20 +360,27 @@ impl Config {
             let Some(rest) = key.strip_prefix("ENGAGED_") else {
                 continue;
             };
-            let Some((section, field)) = rest.split_once("__") else {
+            // ENGAGED_HTTP__WRITE_KEY → http.write_key;
+            // ENGAGED_WEBHOOKS__CRM__URL → webhooks.crm.url.
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if path.len() < 2 || path.iter().any(String::is_empty) {
                 continue;
-            };
-            let section = section.to_ascii_lowercase();
-            let field = field.to_ascii_lowercase();
-            let entry = table
-                .entry(section.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            let toml::Value::Table(t) = entry else {
-                return Err(invalid(format!(
-                    "environment variable {key} overrides [{section}], which is not a table"
-                )));
-            };
-            t.insert(field, env_value(&value));
+            }
+            let mut t = &mut table;
+            for part in &path[..path.len() - 1] {
+                let entry = t
+                    .entry(part.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let toml::Value::Table(inner) = entry else {
+                    return Err(invalid(format!(
+                        "environment variable {key} overrides {part:?}, which is not a table"
+                    )));
+                };
+                t = inner;
+            }
+            // Values stay strings (a digits-only secret must stay a secret);
+            // numeric settings accept strings.
+            t.insert(path[path.len() - 1].clone(), toml::Value::String(value));
         }
         let config: Config = toml::Value::Table(table)
             .try_into()
@@ -338,6 +408,9 @@ impl Config {
                 self.delivery.lease_ms, self.delivery.timeout_ms
             ));
         }
+        for s in &self.schedules {
+            crate::schedule::Schedule::parse(s)?;
+        }
         if self.delivery.max_attempts == 0 {
             return Err("delivery.max_attempts must be at least 1".into());
         }
@@ -345,15 +418,34 @@ impl Config {
     }
 }
 
-/// Environment values are strings; numbers and booleans are recognised so
-/// `ENGAGED_MAIL__RATE_PER_SECOND=5` works.
-fn env_value(raw: &str) -> toml::Value {
-    if let Ok(i) = raw.parse::<i64>() {
-        toml::Value::Integer(i)
-    } else if let Ok(b) = raw.parse::<bool>() {
-        toml::Value::Boolean(b)
-    } else {
-        toml::Value::String(raw.to_owned())
+/// Numbers in the config may also be strings (as environment overrides
+/// always are): `ENGAGED_MAIL__RATE_PER_SECOND=5`.
+fn number<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr + TryFrom<u64>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    let bad = || serde::de::Error::custom("expected a non-negative whole number");
+    match Raw::deserialize(d)? {
+        Raw::Int(i) => T::try_from(i).map_err(|_| bad()),
+        Raw::Text(s) => s.trim().parse().map_err(|_| bad()),
+    }
+}
+
+/// A URL with its password replaced by `***`, for messages.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => raw.to_owned(),
     }
 }
 

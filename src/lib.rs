@@ -17,18 +17,29 @@
 //! - [`templates`]: MiniJinja templates with front matter; rendering is pure once loaded.
 //! - [`deliver`]: the only code that talks SMTP/HTTP; `deliver_one` and a loop around it.
 //! - [`pipeline`]: one evaluation run: evaluate → plan → commit → deliver.
+//! - [`library`]: the rules and templates in use, swapped atomically on hot reload.
+//! - [`schedule`]: cron fire times (DST-correct) and the durable firing ledger; a tick only enqueues.
+//! - [`daemon`]: `engaged serve`: scheduler, run worker, delivery workers, HTTP, reload, shutdown.
+//! - [`api`]: the HTTP API (Segment ingestion, unsubscribe, health, metrics, admin).
+//! - [`metrics`]: Prometheus metrics. [`clock`]: time as a parameter.
 //! - [`cli`]: command-line parsing and output; no business logic.
 
+pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod deliver;
 pub mod demo_data;
 pub mod domain;
 pub mod engine;
 pub mod facts;
 pub mod ingest;
+pub mod library;
+pub mod metrics;
 pub mod pipeline;
 pub mod plan;
+pub mod schedule;
 pub mod store;
 pub mod templates;
 pub mod unsubscribe;

@@ -6,7 +6,7 @@
 //! planning loses nothing: the next run (or the daemon) delivers what is
 //! pending, and dedup keys make re-planning harmless.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -209,18 +209,29 @@ async fn load_page(
 pub async fn evaluate(
     store: &dyn Store,
     rules: Arc<RuleSet>,
+    only: Option<Arc<HashSet<String>>>,
     now: DateTime<Utc>,
     default_owner: &Email,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<Evaluation, StoreError> {
+    let selected = rules
+        .rules()
+        .iter()
+        .filter(|r| only.as_ref().is_none_or(|o| o.contains(&r.id)))
+        .count() as u64;
     let started = Instant::now();
     let mut out = Evaluation::default();
     let mut after: Option<CustomerId> = None;
     let mut page = load_page(store, None, now).await?;
     while !page.is_empty() {
+        let loaded = page.len() as u64;
         after = page.last().map(|f| f.customer.id.clone()).or(after);
         let rules_for_page = Arc::clone(&rules);
+        let only_for_page = only.clone();
         let owner = default_owner.clone();
+        // Customers who signed up after `now` did not exist yet: a replay of
+        // the past must not welcome them.
+        page.retain(|f| f.customer.created_at.is_none_or(|c| c <= now));
         // Evaluate this page on the rayon pool while the next page loads.
         let evaluating = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
@@ -230,10 +241,8 @@ pub async fn evaluate(
                     let facts = Arc::new(facts);
                     let mut outgoing = Vec::new();
                     let mut errors = Vec::new();
-                    for (rule, result) in rules_for_page
-                        .rules()
-                        .iter()
-                        .zip(rules_for_page.evaluate_all(&facts))
+                    for (rule, result) in
+                        rules_for_page.evaluate_selected(&facts, only_for_page.as_deref())
                     {
                         match result {
                             Ok(actions) => outgoing.extend(
@@ -259,13 +268,13 @@ pub async fn evaluate(
         out.rule_seconds += rule_seconds;
         let n = results.len() as u64;
         out.customers += n;
-        out.evaluations += n * rules.rules().len() as u64;
+        out.evaluations += n * selected;
         for (o, e) in results {
             out.outgoing.extend(o);
             out.errors.extend(e);
         }
         if let Some(p) = progress {
-            p.inc(n);
+            p.inc(loaded);
         }
         page = next;
     }
@@ -285,10 +294,15 @@ fn kind_label(o: &Outgoing) -> (&'static str, String) {
     }
 }
 
-fn tally(rules: &RuleSet, eval: &Evaluation) -> BTreeMap<String, RuleSummary> {
+fn tally(
+    rules: &RuleSet,
+    only: Option<&HashSet<String>>,
+    eval: &Evaluation,
+) -> BTreeMap<String, RuleSummary> {
     let mut per_rule: BTreeMap<String, RuleSummary> = rules
         .rules()
         .iter()
+        .filter(|r| only.is_none_or(|o| o.contains(&r.id)))
         .map(|r| (r.id.clone(), RuleSummary::default()))
         .collect();
     for o in &eval.outgoing {
@@ -314,6 +328,8 @@ pub struct RunOptions {
     pub trigger: String,
     /// How long to keep retrying transient delivery failures.
     pub retry_window: Duration,
+    /// Evaluate only these rules (a schedule's subset); `None` = all.
+    pub only_rules: Option<Vec<String>>,
 }
 
 /// Evaluates, plans and (unless dry) commits and delivers.
@@ -326,9 +342,14 @@ pub async fn run(
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<RunSummary, StoreError> {
     let started_at = Utc::now();
+    let only: Option<Arc<HashSet<String>>> = opts
+        .only_rules
+        .as_ref()
+        .map(|r| Arc::new(r.iter().cloned().collect()));
     let eval = evaluate(
         &*store,
         Arc::clone(&rules),
+        only.clone(),
         opts.now,
         default_owner,
         progress,
@@ -341,7 +362,7 @@ pub async fn run(
         evaluations: eval.evaluations,
         evaluation_seconds: eval.seconds,
         rule_seconds: eval.rule_seconds,
-        rules: tally(&rules, &eval),
+        rules: tally(&rules, only.as_deref(), &eval),
         errors: eval
             .errors
             .iter()

@@ -24,10 +24,13 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, DeliveryConfig, Transport, WebhookConfig};
 use crate::domain::Email;
+use crate::library::LibraryHandle;
+use crate::metrics::Metrics;
 use crate::plan::{EmailPayload, EscalationPayload, OutboxKind, WebhookPayload, short_hash};
 use crate::store::{AttemptResult, OutboxItem, Store, StoreError};
-use crate::templates::{RenderedEmail, Templates};
+use crate::templates::RenderedEmail;
 use crate::unsubscribe::Signer;
+use tokio_util::sync::CancellationToken;
 
 use message::{Envelope, Unsubscribe};
 use smtp::{SendError, SmtpPool, SmtpTarget};
@@ -52,6 +55,7 @@ pub struct DeliveryReport {
     pub failed: usize,
     pub retrying: usize,
     pub dead: usize,
+    pub suppressed: usize,
 }
 
 impl DeliveryReport {
@@ -61,6 +65,8 @@ impl DeliveryReport {
             AttemptResult::Failed { .. } => self.failed += 1,
             AttemptResult::Retry { .. } => self.retrying += 1,
             AttemptResult::Dead { .. } => self.dead += 1,
+            AttemptResult::Suppressed { .. } => self.suppressed += 1,
+            AttemptResult::Released => {}
         }
     }
 
@@ -68,6 +74,7 @@ impl DeliveryReport {
         self.sent += other.sent;
         self.failed += other.failed;
         self.dead += other.dead;
+        self.suppressed += other.suppressed;
         self.retrying = other.retrying;
     }
 }
@@ -75,7 +82,10 @@ impl DeliveryReport {
 /// Delivers outbox items.
 pub struct Deliverer {
     store: Arc<dyn Store>,
-    templates: Arc<Templates>,
+    library: Arc<LibraryHandle>,
+    metrics: Option<Arc<Metrics>>,
+    /// Set when shutting down: claimed items not yet started are released.
+    stopping: CancellationToken,
     transport: MailTransport,
     from: Mailbox,
     from_domain: String,
@@ -101,7 +111,7 @@ impl Deliverer {
     pub fn new(
         config: &Config,
         store: Arc<dyn Store>,
-        templates: Arc<Templates>,
+        library: Arc<LibraryHandle>,
         signer: Signer,
     ) -> Result<Self, DeliverError> {
         let from: Mailbox = config
@@ -134,7 +144,9 @@ impl Deliverer {
             .map_err(|e| DeliverError::Config(format!("HTTP client: {e}")))?;
         Ok(Self {
             store,
-            templates,
+            library,
+            metrics: None,
+            stopping: CancellationToken::new(),
             transport,
             unsubscribe_mailto: config
                 .mail
@@ -152,11 +164,23 @@ impl Deliverer {
         })
     }
 
+    /// Reports deliveries to these metrics.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Cancelled when shutting down: no new claims; claimed items that have
+    /// not started are released for another process.
+    pub fn stopping(&self) -> CancellationToken {
+        self.stopping.clone()
+    }
+
     /// One pass: claims due items (repeatedly, until none are due) and
     /// delivers them with the configured concurrency.
     pub async fn deliver_pass(&self, now: DateTime<Utc>) -> Result<DeliveryReport, StoreError> {
         let mut report = DeliveryReport::default();
-        loop {
+        while !self.stopping.is_cancelled() {
             // A long pass must not shorten later leases: claim as of the real
             // time, or of `now` if the caller's clock is ahead (tests).
             let now = now.max(Utc::now());
@@ -170,7 +194,12 @@ impl Deliverer {
             }
             let results: Vec<(i64, AttemptResult)> = futures::stream::iter(items)
                 .map(|item| async move {
+                    if self.stopping.is_cancelled() {
+                        return (item.id, AttemptResult::Released);
+                    }
+                    let started = std::time::Instant::now();
                     let result = self.deliver_one(&item).await;
+                    self.observe(&item, &result, started.elapsed());
                     (item.id, result)
                 })
                 .buffer_unordered(self.policy.concurrency)
@@ -181,6 +210,28 @@ impl Deliverer {
                 log_result(*id, result);
                 report.add(result);
             }
+        }
+        Ok(report)
+    }
+
+    fn observe(&self, item: &OutboxItem, result: &AttemptResult, took: Duration) {
+        let Some(m) = &self.metrics else { return };
+        let kind = Metrics::kind(item.kind.as_str());
+        match result {
+            AttemptResult::Sent { .. } => {
+                m.sent.get_or_create(&kind).inc();
+                m.delivery_seconds.observe(took.as_secs_f64());
+            }
+            AttemptResult::Failed { .. } => {
+                m.failed.get_or_create(&kind).inc();
+            }
+            AttemptResult::Dead { .. } => {
+                m.dead.get_or_create(&kind).inc();
+            }
+            AttemptResult::Suppressed { .. } => {
+                m.suppressed.get_or_create(&kind).inc();
+            }
+            AttemptResult::Retry { .. } | AttemptResult::Released => {}
         }
     }
 
@@ -209,6 +260,18 @@ impl Deliverer {
     /// One attempt for one claimed item. Never panics, never returns an error:
     /// every way it can end is an `AttemptResult`.
     pub async fn deliver_one(&self, item: &OutboxItem) -> AttemptResult {
+        if item.kind == OutboxKind::Email {
+            match self.suppressed(item).await {
+                Ok(Some(reason)) => return AttemptResult::Suppressed { reason },
+                Ok(None) => {}
+                Err(e) => {
+                    return AttemptResult::Retry {
+                        error: format!("cannot check suppressions: {e}"),
+                        retry_at: Utc::now() + backoff(&self.policy, item.attempts),
+                    };
+                }
+            }
+        }
         let outcome = match item.kind {
             OutboxKind::Email => self.send_customer_email(item).await,
             OutboxKind::EscalationNotice => self.send_escalation_notice(item).await,
@@ -226,6 +289,20 @@ impl Deliverer {
                 retry_at: Utc::now() + backoff(&self.policy, item.attempts),
             },
         }
+    }
+
+    /// Why this customer email must not be sent, if it must not. Checked
+    /// right before sending, so an unsubscribe takes effect for mail
+    /// already planned.
+    async fn suppressed(&self, item: &OutboxItem) -> Result<Option<String>, StoreError> {
+        let Some(email) = item.payload["customer"]["email"].as_str() else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .suppression(email)
+            .await?
+            .map(|reason| format!("{email} is suppressed ({reason})")))
     }
 
     fn message_id(&self, item: &OutboxItem) -> String {
@@ -293,7 +370,9 @@ impl Deliverer {
     }
 
     fn render(&self, template: &str, ctx: &Value) -> Result<RenderedEmail, SendError> {
-        self.templates
+        self.library
+            .current()
+            .templates
             .render(template, ctx)
             .map_err(|e| permanent(&format!("template error: {e}")))
     }
@@ -405,5 +484,7 @@ fn log_result(id: i64, r: &AttemptResult) {
             tracing::warn!(action = id, "Delivery failed permanently: {error}")
         }
         AttemptResult::Dead { error } => tracing::error!(action = id, "Delivery gave up: {error}"),
+        AttemptResult::Suppressed { reason } => tracing::info!(action = id, "Not sent: {reason}"),
+        AttemptResult::Released => tracing::info!(action = id, "Released for another worker."),
     }
 }

@@ -167,6 +167,17 @@ pub fn build_engine(templates: Option<Arc<HashSet<String>>>) -> Engine {
         let (rule, customer) = current_names();
         tracing::debug!(rule, customer, line = pos.line(), "rule debug: {s}");
     });
+    // Rules must not read the real clock (`--now` replays history) or stall
+    // a worker: Rhai's own `timestamp()` and `sleep()` are replaced.
+    engine.register_fn("timestamp", || -> Result<(), Box<EvalAltResult>> {
+        Err("timestamp() is not available in rules; use `now`, the evaluation time".into())
+    });
+    engine.register_fn("sleep", |_: i64| -> Result<(), Box<EvalAltResult>> {
+        Err("sleep() is not available in rules".into())
+    });
+    engine.register_fn("sleep", |_: f64| -> Result<(), Box<EvalAltResult>> {
+        Err("sleep() is not available in rules".into())
+    });
     value::register_timestamp(&mut engine);
     api::register(&mut engine, templates);
     engine
@@ -258,9 +269,30 @@ impl RuleSet {
         let mut scope = Scope::new();
         scope.push("customer", customer_value.clone());
         scope.push("now", Timestamp(facts.now));
-        let result = self.engine.run_ast_with_scope(&mut scope, &rule.ast);
+        // A bug in a native function must cost one evaluation, not the run.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.engine.run_ast_with_scope(&mut scope, &rule.ast)
+        }));
         let planned = guard.take_planned();
         drop(guard);
+        let result = match result {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                return Err(RuleError {
+                    path: rule.path.clone(),
+                    line: 0,
+                    col: 0,
+                    message: format!(
+                        "internal error while evaluating this rule (please report it): {what}"
+                    ),
+                });
+            }
+        };
         match result {
             Ok(()) => Ok(planned
                 .into_iter()
@@ -276,10 +308,24 @@ impl RuleSet {
 
     /// Evaluates every rule for one customer; one result per rule, in rule order.
     pub fn evaluate_all(&self, facts: &Arc<Facts>) -> Vec<Result<Vec<PlannedAction>, RuleError>> {
+        self.evaluate_selected(facts, None)
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// Evaluates the rules named in `only` (all when `None`) for one customer.
+    #[allow(clippy::type_complexity)]
+    pub fn evaluate_selected(
+        &self,
+        facts: &Arc<Facts>,
+        only: Option<&HashSet<String>>,
+    ) -> Vec<(&Rule, Result<Vec<PlannedAction>, RuleError>)> {
         let customer = value::customer_to_dynamic(facts);
         self.rules
             .iter()
-            .map(|rule| self.evaluate(rule, facts, &customer))
+            .filter(|r| only.is_none_or(|o| o.contains(&r.id)))
+            .map(|rule| (rule, self.evaluate(rule, facts, &customer)))
             .collect()
     }
 

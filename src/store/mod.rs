@@ -1,6 +1,6 @@
 //! Storage behind one trait. `sqlite.rs` is the embedded default; a
-//! PostgreSQL implementation plugs in behind the same trait, and both must
-//! pass the same conformance suite (`tests/store_conformance.rs`).
+//! PostgreSQL implementation plugs in behind the same trait (and both will
+//! then run one conformance suite).
 //!
 //! Times cross this boundary as `DateTime<Utc>` and are stored as Unix
 //! milliseconds, which both databases index and compare cheaply.
@@ -179,6 +179,27 @@ pub enum AttemptResult {
     Failed { error: String },
     /// Transient failures until attempts ran out.
     Dead { error: String },
+    /// Not attempted (shutting down): back to pending, the attempt uncounted.
+    Released,
+    /// Not sent: the address is suppressed (unsubscribed, bounced…).
+    Suppressed { reason: String },
+}
+
+/// A schedule firing claimed to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Firing {
+    pub schedule: String,
+    pub fire_at: DateTime<Utc>,
+}
+
+/// A schedule firing as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FiringRecord {
+    pub schedule: String,
+    pub fire_at: DateTime<Utc>,
+    pub status: String,
+    pub run_id: Option<i64>,
+    pub note: Option<String>,
 }
 
 /// An outbox row for reports (`explain`, tests).
@@ -320,6 +341,46 @@ pub trait Store: Send + Sync {
     /// Returns false when there is no open escalation with that id.
     async fn resolve_escalation(&self, id: i64, at: DateTime<Utc>) -> StoreResult<bool>;
 
+    /// Returns false when there is no open escalation with that id.
+    async fn acknowledge_escalation(&self, id: i64, at: DateTime<Utc>) -> StoreResult<bool>;
+
+    // --- suppressions ---
+    /// Suppresses an address (case-insensitively); false if it already was.
+    async fn suppress(&self, email: &str, reason: &str, at: DateTime<Utc>) -> StoreResult<bool>;
+    /// The reason an address is suppressed, if it is.
+    async fn suppression(&self, email: &str) -> StoreResult<Option<String>>;
+
+    // --- schedules ---
+    /// The latest recorded firing time of a schedule (any status).
+    async fn last_firing(&self, schedule: &str) -> StoreResult<Option<DateTime<Utc>>>;
+    /// Records a firing once; false if that (schedule, time) is already recorded.
+    async fn record_firing(
+        &self,
+        schedule: &str,
+        fire_at: DateTime<Utc>,
+        status: &str,
+        note: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// Claims the oldest pending firing of a schedule that is not running.
+    async fn claim_firing(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<Firing>>;
+    async fn finish_firing(
+        &self,
+        firing: &Firing,
+        status: &str,
+        run_id: Option<i64>,
+        note: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    async fn firings(&self, schedule: &str) -> StoreResult<Vec<FiringRecord>>;
+
+    /// Whether the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+
     // --- settings ---
     /// Returns the stored value for `key`, storing `init` first if there is none.
     async fn setting_or_init(&self, key: &str, init: &str) -> StoreResult<String>;
@@ -330,7 +391,7 @@ pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(std::sync::Arc::new(SqliteStore::open(url).await?))
     } else {
-        Err(StoreError::UnsupportedUrl(url.to_owned()))
+        Err(StoreError::UnsupportedUrl(crate::config::redact_url(url)))
     }
 }
 

@@ -344,7 +344,7 @@ impl Store for SqliteStore {
         for chunk in ids.chunks(5000) {
             let list = serde_json::to_string(chunk).unwrap_or_else(|_| "[]".into());
             let rows = sqlx::query(
-                "SELECT customer_id, rule FROM escalations WHERE status = 'open'
+                "SELECT customer_id, rule FROM escalations WHERE status IN ('open', 'acknowledged')
                  AND customer_id IN (SELECT value FROM json_each(?))",
             )
             .bind(list)
@@ -613,6 +613,16 @@ impl Store for SqliteStore {
                 )
                 .bind(error.clone())
                 .bind(at),
+                AttemptResult::Released => sqlx::query(
+                    "UPDATE actions SET status = 'pending', attempts = attempts - 1, lease_until = NULL
+                     WHERE id = ? AND status = 'sending'",
+                ),
+                AttemptResult::Suppressed { reason } => sqlx::query(
+                    "UPDATE actions SET status = 'suppressed', last_error = ?, finished_at = ?, lease_until = NULL
+                     WHERE id = ? AND status = 'sending'",
+                )
+                .bind(reason.clone())
+                .bind(at),
                 AttemptResult::Dead { error } => sqlx::query(
                     "UPDATE actions SET status = 'dead', last_error = ?, finished_at = ?, lease_until = NULL
                      WHERE id = ? AND status = 'sending'",
@@ -673,7 +683,9 @@ impl Store for SqliteStore {
 
     async fn escalations(&self, only_open: bool) -> StoreResult<Vec<EscalationRecord>> {
         let rows =
-            sqlx::query("SELECT * FROM escalations WHERE (?1 = 0 OR status = 'open') ORDER BY id")
+            sqlx::query(
+                "SELECT * FROM escalations WHERE (?1 = 0 OR status IN ('open', 'acknowledged')) ORDER BY id",
+            )
                 .bind(i64::from(only_open))
                 .fetch_all(&self.pool)
                 .await?;
@@ -693,7 +705,8 @@ impl Store for SqliteStore {
 
     async fn resolve_escalation(&self, id: i64, at: DateTime<Utc>) -> StoreResult<bool> {
         let n = sqlx::query(
-            "UPDATE escalations SET status = 'resolved', resolved_at = ? WHERE id = ? AND status = 'open'",
+            "UPDATE escalations SET status = 'resolved', resolved_at = ?
+             WHERE id = ? AND status IN ('open', 'acknowledged')",
         )
         .bind(to_millis(at))
         .bind(id)
@@ -701,6 +714,168 @@ impl Store for SqliteStore {
         .await?
         .rows_affected();
         Ok(n == 1)
+    }
+
+    async fn acknowledge_escalation(&self, id: i64, at: DateTime<Utc>) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE escalations SET status = 'acknowledged', acknowledged_at = ?
+             WHERE id = ? AND status = 'open'",
+        )
+        .bind(to_millis(at))
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn suppress(&self, email: &str, reason: &str, at: DateTime<Utc>) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "INSERT INTO suppressions (email, reason, created_at) VALUES (lower(?), ?, ?)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(email)
+        .bind(reason)
+        .bind(to_millis(at))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn suppression(&self, email: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT reason FROM suppressions WHERE email = lower(?)")
+                .bind(email)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn last_firing(&self, schedule: &str) -> StoreResult<Option<DateTime<Utc>>> {
+        let at: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(fire_at) FROM schedule_firings WHERE schedule = ?")
+                .bind(schedule)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(at.map(from_millis))
+    }
+
+    async fn record_firing(
+        &self,
+        schedule: &str,
+        fire_at: DateTime<Utc>,
+        status: &str,
+        note: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "INSERT INTO schedule_firings (schedule, fire_at, status, note, created_at, finished_at)
+             VALUES (?, ?, ?, ?, ?, CASE WHEN ? = 'pending' THEN NULL ELSE ? END)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(schedule)
+        .bind(to_millis(fire_at))
+        .bind(status)
+        .bind(note)
+        .bind(to_millis(now))
+        .bind(status)
+        .bind(to_millis(now))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn claim_firing(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<Firing>> {
+        let now_ms = to_millis(now);
+        let mut tx = self.immediate().await?;
+        // The oldest waiting firing of a schedule that is not running right
+        // now (a running firing whose lease expired counts as waiting).
+        let row = sqlx::query(
+            "SELECT schedule, fire_at FROM schedule_firings f
+             WHERE (status = 'pending' OR (status = 'running' AND lease_until < ?1))
+               AND NOT EXISTS (
+                   SELECT 1 FROM schedule_firings r
+                   WHERE r.schedule = f.schedule AND r.status = 'running'
+                     AND r.lease_until >= ?1 AND r.fire_at <> f.fire_at)
+             ORDER BY fire_at LIMIT 1",
+        )
+        .bind(now_ms)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let schedule: String = row.try_get("schedule")?;
+        let fire_at: i64 = row.try_get("fire_at")?;
+        sqlx::query(
+            "UPDATE schedule_firings SET status = 'running', lease_until = ? WHERE schedule = ? AND fire_at = ?",
+        )
+        .bind(to_millis(lease_until))
+        .bind(&schedule)
+        .bind(fire_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(Firing {
+            schedule,
+            fire_at: from_millis(fire_at),
+        }))
+    }
+
+    async fn finish_firing(
+        &self,
+        firing: &Firing,
+        status: &str,
+        run_id: Option<i64>,
+        note: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE schedule_firings SET status = ?, run_id = ?, note = ?, finished_at = ?, lease_until = NULL
+             WHERE schedule = ? AND fire_at = ?",
+        )
+        .bind(status)
+        .bind(run_id)
+        .bind(note)
+        .bind(to_millis(at))
+        .bind(&firing.schedule)
+        .bind(to_millis(firing.fire_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn firings(&self, schedule: &str) -> StoreResult<Vec<FiringRecord>> {
+        let rows = sqlx::query(
+            "SELECT schedule, fire_at, status, run_id, note FROM schedule_firings
+             WHERE schedule = ? ORDER BY fire_at",
+        )
+        .bind(schedule)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(FiringRecord {
+                    schedule: r.try_get("schedule")?,
+                    fire_at: from_millis(r.try_get("fire_at")?),
+                    status: r.try_get("status")?,
+                    run_id: r.try_get("run_id")?,
+                    note: r.try_get("note")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn setting_or_init(&self, key: &str, init: &str) -> StoreResult<String> {
