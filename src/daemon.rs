@@ -320,9 +320,9 @@ impl Daemon {
             let stop = cancel.clone();
             tokio::spawn(async move {
                 while !stop.is_cancelled() {
-                    match me.run_next_firing().await {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => {}
+                    // Run queued firings back to back; errors are logged and recorded.
+                    if let Ok(Some(_)) = me.run_next_firing().await {
+                        continue;
                     }
                     tokio::select! {
                         _ = me.run_requested.notified() => {}
