@@ -1,7 +1,6 @@
 //! The command line: parse arguments, build the parts a command needs,
 //! print results. No business logic lives here.
 
-use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,7 +12,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::deliver::{Deliverer, ESCALATION_TEMPLATE};
+use crate::deliver::Deliverer;
 use crate::domain::{CustomerId, Email, parse_timestamp};
 use crate::engine::RuleSet;
 use crate::facts::Facts;
@@ -213,20 +212,17 @@ impl App {
 
     /// Templates and rules; errors are printed, and with `strict` they stop the command.
     fn load_rules_and_templates(&self, strict: bool) -> Result<(Arc<RuleSet>, Arc<Templates>)> {
-        let (templates, template_errors) = Templates::load(&self.config.templates.dir);
-        let names: HashSet<String> = templates.names();
-        let (rules, rule_errors) = RuleSet::load(&self.config.rules.dir, Some(Arc::new(names)));
-        for e in &template_errors {
+        let (library, errors) = Library::load_lenient(&self.config);
+        for e in &errors {
             eprintln!("{e}");
         }
-        for e in &rule_errors {
-            eprintln!("{e}");
+        if strict && !errors.is_empty() {
+            bail!(
+                "{} rule or template error(s); fix them or run `engaged check`",
+                errors.len()
+            );
         }
-        let n = template_errors.len() + rule_errors.len();
-        if strict && n > 0 {
-            bail!("{n} rule or template error(s); fix them or run `engaged check`");
-        }
-        Ok((Arc::new(rules), Arc::new(templates)))
+        Ok((library.rules, library.templates))
     }
 
     async fn signer(&self) -> Result<Signer> {
@@ -428,24 +424,16 @@ fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
 
 fn check(config_path: Option<&Path>) -> Result<ExitCode> {
     let config = load_config(config_path)?;
-    let (templates, template_errors) = Templates::load(&config.templates.dir);
-    let (rules, rule_errors) = RuleSet::load(&config.rules.dir, Some(Arc::new(templates.names())));
-    let mut errors: Vec<String> = template_errors.iter().map(ToString::to_string).collect();
-    errors.extend(rule_errors.iter().map(ToString::to_string));
-    if !templates.contains(ESCALATION_TEMPLATE) {
-        errors.push(format!(
-            "{}:1:1: missing the escalation notice template (escalation.txt), which escalate() needs",
-            config.templates.dir.join("escalation.txt").display()
-        ));
-    }
+    let (library, errors) = Library::load_lenient(&config);
     for e in &errors {
         println!("{e}");
     }
     if errors.is_empty() {
         println!(
-            "ok: {} rules, {} templates",
-            rules.rules().len(),
-            templates.names().len()
+            "ok: {} rules, {} templates, {} schedules",
+            library.rules.rules().len(),
+            library.templates.names().len(),
+            config.schedules.len()
         );
         Ok(ExitCode::SUCCESS)
     } else {

@@ -402,9 +402,9 @@ impl Config {
         if self.delivery.concurrency == 0 {
             return Err("delivery.concurrency must be at least 1".into());
         }
-        if self.delivery.lease_ms <= self.delivery.timeout_ms {
+        if self.delivery.lease_ms <= 2 * self.delivery.timeout_ms {
             return Err(format!(
-                "delivery.lease_ms ({}) must be longer than delivery.timeout_ms ({}), or a slow send could be delivered twice",
+                "delivery.lease_ms ({}) must be more than twice delivery.timeout_ms ({}): a send (connect + transfer) must fit in a claim",
                 self.delivery.lease_ms, self.delivery.timeout_ms
             ));
         }

@@ -52,10 +52,9 @@ impl Daemon {
         let store = crate::store::open(&config.database.url)
             .await
             .context("opening the database")?;
-        let library =
-            Library::load(&config.rules.dir, &config.templates.dir).map_err(|errors| {
-                anyhow::anyhow!("rules or templates have errors:\n{}", errors.join("\n"))
-            })?;
+        let library = Library::load(&config).map_err(|errors| {
+            anyhow::anyhow!("rules or templates have errors:\n{}", errors.join("\n"))
+        })?;
         let library = Arc::new(LibraryHandle::new(library));
         let secret = match &config.http.signing_secret {
             Some(s) => s.expose().to_owned(),
@@ -247,7 +246,7 @@ impl Daemon {
             return false;
         }
         *last = now;
-        match Library::load(&self.config.rules.dir, &self.config.templates.dir) {
+        match Library::load(&self.config) {
             Ok(lib) => {
                 tracing::info!(
                     rules = lib.rules.rules().len(),

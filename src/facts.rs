@@ -97,7 +97,12 @@ impl Facts {
         if days <= 0 {
             return 0;
         }
-        let since = self.now - Duration::milliseconds(days.saturating_mul(DAY_MS));
+        // A window reaching before the representable past covers everything.
+        let Some(since) = Duration::try_milliseconds(days.saturating_mul(DAY_MS))
+            .and_then(|d| self.now.checked_sub_signed(d))
+        else {
+            return list.len() as i64;
+        };
         let first = list.partition_point(|o| o.at <= since);
         (list.len() - first) as i64
     }
@@ -213,6 +218,11 @@ mod tests {
             ],
         );
         assert_eq!(f.count_within("login", 7), 2);
+        assert_eq!(
+            f.count_within("login", i64::MAX),
+            3,
+            "huge windows do not overflow"
+        );
         assert_eq!(f.count("login"), 3);
         assert_eq!(f.count("never"), 0);
     }

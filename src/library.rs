@@ -3,10 +3,11 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use crate::engine::RuleSet;
+use crate::config::Config;
+use crate::engine::{Known, RuleSet};
 use crate::templates::Templates;
 
 /// Rules and the templates they were checked against.
@@ -19,19 +20,38 @@ pub struct Library {
 impl Library {
     /// Loads both directories; any error in either rejects the whole set,
     /// returning every error as `FILE:LINE:COL: message`.
-    pub fn load(rules_dir: &Path, templates_dir: &Path) -> Result<Self, Vec<String>> {
-        let (templates, template_errors) = Templates::load(templates_dir);
-        let (rules, rule_errors) = RuleSet::load(rules_dir, Some(Arc::new(templates.names())));
-        let mut errors: Vec<String> = template_errors.iter().map(ToString::to_string).collect();
-        errors.extend(rule_errors.iter().map(ToString::to_string));
+    pub fn load(config: &Config) -> Result<Self, Vec<String>> {
+        let (library, errors) = Self::load_lenient(config);
         if errors.is_empty() {
-            Ok(Self {
-                rules: Arc::new(rules),
-                templates: Arc::new(templates),
-            })
+            Ok(library)
         } else {
             Err(errors)
         }
+    }
+
+    /// Loads what is valid and returns the errors of the rest.
+    pub fn load_lenient(config: &Config) -> (Self, Vec<String>) {
+        let (templates, template_errors) = Templates::load(&config.templates.dir);
+        let known = Known {
+            templates: Some(Arc::new(templates.names())),
+            webhooks: Some(Arc::new(config.webhooks.keys().cloned().collect())),
+        };
+        let (rules, rule_errors) = RuleSet::load(&config.rules.dir, known);
+        let mut errors: Vec<String> = template_errors.iter().map(ToString::to_string).collect();
+        errors.extend(rule_errors.iter().map(ToString::to_string));
+        if !templates.contains(crate::deliver::ESCALATION_TEMPLATE) {
+            errors.push(format!(
+                "{}:1:1: missing the escalation notice template, which escalate() needs",
+                config.templates.dir.join("escalation.txt").display()
+            ));
+        }
+        (
+            Self {
+                rules: Arc::new(rules),
+                templates: Arc::new(templates),
+            },
+            errors,
+        )
     }
 
     /// A library from parts already loaded.

@@ -28,3 +28,7 @@ DROP INDEX escalations_one_open;
 CREATE UNIQUE INDEX escalations_one_open ON escalations (customer_id, rule)
     WHERE status IN ('open', 'acknowledged');
 ALTER TABLE escalations ADD COLUMN acknowledged_at INTEGER;
+
+-- Each claim gets a token; only the claimant may record the outcome, so a
+-- worker whose lease expired cannot overwrite what another worker did.
+ALTER TABLE actions ADD COLUMN claim_token TEXT;

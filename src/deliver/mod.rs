@@ -95,6 +95,7 @@ pub struct Deliverer {
     webhooks: std::collections::BTreeMap<String, WebhookConfig>,
     http: reqwest::Client,
     limiter: Option<DefaultDirectRateLimiter>,
+    rate_per_second: u32,
     policy: DeliveryConfig,
 }
 
@@ -160,6 +161,7 @@ impl Deliverer {
             webhooks: config.webhooks.clone(),
             http,
             limiter,
+            rate_per_second: config.mail.rate_per_second,
             policy: config.delivery.clone(),
         })
     }
@@ -187,31 +189,84 @@ impl Deliverer {
             let lease_until = now + chrono::Duration::milliseconds(self.policy.lease_ms as i64);
             let items = self
                 .store
-                .claim_due(now, lease_until, self.policy.concurrency * CLAIM_PER_WORKER)
+                .claim_due(now, lease_until, self.claim_size())
                 .await?;
             if items.is_empty() {
                 return Ok(report);
             }
-            let results: Vec<(i64, AttemptResult)> = futures::stream::iter(items)
-                .map(|item| async move {
-                    if self.stopping.is_cancelled() {
-                        return (item.id, AttemptResult::Released);
+            let token = items[0].claim_token.clone();
+            // Suppressions are read once per claim, milliseconds before the
+            // sends; the per-item work below touches no database connection.
+            let suppressed = self.suppressions_for(&items).await?;
+            // Outcomes are recorded as soon as they are known: `ready_chunks`
+            // groups whatever has finished into one transaction (group
+            // commit), so a crash loses the record of at most the sends that
+            // finished in the last few milliseconds.
+            let mut finished = futures::stream::iter(items)
+                .map(|item| {
+                    let reason = customer_email(&item)
+                        .and_then(|e| suppressed.get(&e.to_lowercase()))
+                        .map(|r| {
+                            format!(
+                                "{} is suppressed ({r})",
+                                customer_email(&item).unwrap_or_default()
+                            )
+                        });
+                    async move {
+                        let result = match reason {
+                            Some(reason) => AttemptResult::Suppressed { reason },
+                            None => self.attempt(&item).await,
+                        };
+                        (item.id, result)
                     }
-                    let started = std::time::Instant::now();
-                    let result = self.deliver_one(&item).await;
-                    self.observe(&item, &result, started.elapsed());
-                    (item.id, result)
                 })
                 .buffer_unordered(self.policy.concurrency)
-                .collect()
-                .await;
-            self.store.record_attempts(&results, Utc::now()).await?;
-            for (id, result) in &results {
-                log_result(*id, result);
-                report.add(result);
+                .ready_chunks(64);
+            while let Some(results) = finished.next().await {
+                self.store
+                    .record_attempts(&token, &results, Utc::now())
+                    .await?;
+                for (id, result) in &results {
+                    log_result(*id, result);
+                    report.add(result);
+                }
             }
         }
         Ok(report)
+    }
+
+    /// How many items to claim at once: enough to keep every connection
+    /// busy, but no more than the rate limit lets us start within half a lease.
+    fn claim_size(&self) -> usize {
+        let size = self.policy.concurrency * CLAIM_PER_WORKER;
+        match self.rate_per_second {
+            0 => size,
+            rate => size.min(((rate as u64 * self.policy.lease_ms / 2000) as usize).max(1)),
+        }
+    }
+
+    /// One claimed item: waits for the rate limit, makes sure the claim
+    /// still has time for a whole send, delivers, and reports metrics.
+    async fn attempt(&self, item: &OutboxItem) -> AttemptResult {
+        if self.stopping.is_cancelled() {
+            return AttemptResult::Released;
+        }
+        if matches!(item.kind, OutboxKind::Email | OutboxKind::EscalationNotice)
+            && let Some(limiter) = &self.limiter
+        {
+            limiter.until_ready().await;
+        }
+        // A send may take a connect and a transfer, each bounded by the
+        // timeout; starting one closer than that to the lease's end could
+        // let another worker take the item over mid-send.
+        let needed = chrono::Duration::milliseconds(2 * self.policy.timeout_ms as i64);
+        if self.stopping.is_cancelled() || Utc::now() + needed > item.lease_until {
+            return AttemptResult::Released;
+        }
+        let started = std::time::Instant::now();
+        let result = self.deliver_one(item).await;
+        self.observe(item, &result, started.elapsed());
+        result
     }
 
     fn observe(&self, item: &OutboxItem, result: &AttemptResult, took: Duration) {
@@ -260,18 +315,6 @@ impl Deliverer {
     /// One attempt for one claimed item. Never panics, never returns an error:
     /// every way it can end is an `AttemptResult`.
     pub async fn deliver_one(&self, item: &OutboxItem) -> AttemptResult {
-        if item.kind == OutboxKind::Email {
-            match self.suppressed(item).await {
-                Ok(Some(reason)) => return AttemptResult::Suppressed { reason },
-                Ok(None) => {}
-                Err(e) => {
-                    return AttemptResult::Retry {
-                        error: format!("cannot check suppressions: {e}"),
-                        retry_at: Utc::now() + backoff(&self.policy, item.attempts),
-                    };
-                }
-            }
-        }
         let outcome = match item.kind {
             OutboxKind::Email => self.send_customer_email(item).await,
             OutboxKind::EscalationNotice => self.send_escalation_notice(item).await,
@@ -291,18 +334,20 @@ impl Deliverer {
         }
     }
 
-    /// Why this customer email must not be sent, if it must not. Checked
-    /// right before sending, so an unsubscribe takes effect for mail
-    /// already planned.
-    async fn suppressed(&self, item: &OutboxItem) -> Result<Option<String>, StoreError> {
-        let Some(email) = item.payload["customer"]["email"].as_str() else {
-            return Ok(None);
-        };
-        Ok(self
-            .store
-            .suppression(email)
-            .await?
-            .map(|reason| format!("{email} is suppressed ({reason})")))
+    /// Suppressed addresses among the customer emails of these items.
+    async fn suppressions_for(
+        &self,
+        items: &[OutboxItem],
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let emails: Vec<String> = items
+            .iter()
+            .filter_map(customer_email)
+            .map(str::to_owned)
+            .collect();
+        if emails.is_empty() {
+            return Ok(Default::default());
+        }
+        self.store.suppressions_among(&emails).await
     }
 
     fn message_id(&self, item: &OutboxItem) -> String {
@@ -384,9 +429,6 @@ impl Deliverer {
         rendered: &RenderedEmail,
     ) -> Result<String, SendError> {
         let msg = message::build(envelope, rendered).map_err(|e| permanent(&e))?;
-        if let Some(limiter) = &self.limiter {
-            limiter.until_ready().await;
-        }
         match &self.transport {
             MailTransport::File(dir) => {
                 let path = dir.join(format!(
@@ -415,6 +457,14 @@ impl Deliverer {
             ))
         })?;
         webhook::post(&self.http, hook, item, &p).await
+    }
+}
+
+/// The customer address of a marketing email (suppression applies to these only).
+fn customer_email(item: &OutboxItem) -> Option<&str> {
+    match item.kind {
+        OutboxKind::Email => item.payload["customer"]["email"].as_str(),
+        _ => None,
     }
 }
 

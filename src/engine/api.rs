@@ -3,7 +3,6 @@
 //! customer or records a planned action. No I/O happens here.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use rhai::{Dynamic, Engine, EvalAltResult, Map};
 
@@ -17,7 +16,11 @@ fn opt_int(v: Option<i64>) -> Dynamic {
     v.map_or(Dynamic::UNIT, Dynamic::from_int)
 }
 
-pub(super) fn register(engine: &mut Engine, templates: Option<Arc<HashSet<String>>>) {
+pub(super) fn register(engine: &mut Engine, known: super::Known) {
+    let super::Known {
+        templates,
+        webhooks,
+    } = known;
     engine.register_fn("days_since_signup", || {
         with_context(|c| Ok(opt_int(c.facts.days_since_signup())))
     });
@@ -80,7 +83,22 @@ pub(super) fn register(engine: &mut Engine, templates: Option<Arc<HashSet<String
             Ok(())
         })
     });
-    engine.register_fn("webhook", |name: &str, payload: Dynamic| {
+    engine.register_fn("webhook", move |name: &str, payload: Dynamic| {
+        if let Some(known) = &webhooks
+            && !known.contains(name)
+        {
+            let mut names: Vec<&str> = known.iter().map(String::as_str).collect();
+            names.sort_unstable();
+            return Err(format!(
+                "webhook: no [webhooks.{name}] in the config; configured: {}",
+                if names.is_empty() {
+                    "none".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            )
+            .into());
+        }
         let payload = dynamic_to_json(&payload);
         with_context(|c| {
             c.planned.push(ActionRequest::Webhook {

@@ -140,9 +140,16 @@ fn base_scope() -> Scope<'static> {
     scope
 }
 
-/// Builds the locked-down engine. `templates`, when given, lets `send_email`
-/// reject an unknown template name at evaluation time.
-pub fn build_engine(templates: Option<Arc<HashSet<String>>>) -> Engine {
+/// Names rules may refer to. When known, `send_email` and `webhook` reject
+/// unknown names at evaluation time (with the rule's file and line).
+#[derive(Clone, Debug, Default)]
+pub struct Known {
+    pub templates: Option<Arc<HashSet<String>>>,
+    pub webhooks: Option<Arc<HashSet<String>>>,
+}
+
+/// Builds the locked-down engine.
+pub fn build_engine(known: Known) -> Engine {
     let mut engine = Engine::new();
     engine
         .set_max_operations(MAX_OPERATIONS)
@@ -179,7 +186,7 @@ pub fn build_engine(templates: Option<Arc<HashSet<String>>>) -> Engine {
         Err("sleep() is not available in rules".into())
     });
     value::register_timestamp(&mut engine);
-    api::register(&mut engine, templates);
+    api::register(&mut engine, known);
     engine
 }
 
@@ -198,8 +205,8 @@ pub type CompileErrors = Vec<RuleError>;
 impl RuleSet {
     /// Compiles every `*.rhai` file in `dir` (sorted by name). Rules that do
     /// not compile are left out and reported; the others are usable.
-    pub fn load(dir: &Path, templates: Option<Arc<HashSet<String>>>) -> (Self, CompileErrors) {
-        let engine = build_engine(templates);
+    pub fn load(dir: &Path, known: Known) -> (Self, CompileErrors) {
+        let engine = build_engine(known);
         let mut rules = Vec::new();
         let mut errors = Vec::new();
         let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
@@ -237,11 +244,8 @@ impl RuleSet {
     }
 
     /// A rule set from in-memory sources `(id, source)`; for tests and fixtures.
-    pub fn from_sources(
-        sources: &[(&str, &str)],
-        templates: Option<Arc<HashSet<String>>>,
-    ) -> Result<Self, RuleError> {
-        let engine = build_engine(templates);
+    pub fn from_sources(sources: &[(&str, &str)], known: Known) -> Result<Self, RuleError> {
+        let engine = build_engine(known);
         let rules = sources
             .iter()
             .map(|(id, src)| compile(&engine, &PathBuf::from(format!("rules/{id}.rhai")), src))

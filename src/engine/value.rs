@@ -36,6 +36,15 @@ pub(super) fn register_timestamp(engine: &mut Engine) {
         .register_fn("days_between", |a: Timestamp, b: Timestamp| {
             whole_days(a.0, b.0)
         })
+        // Whole calendar years from a to b (anniversaries, leap years included).
+        .register_fn("years_between", |a: Timestamp, b: Timestamp| {
+            i64::from(b.0.years_since(a.0).unwrap_or(0))
+        })
+        // The same moment `n` calendar years later (29 Feb → 28 Feb).
+        .register_fn("add_years", |t: &mut Timestamp, n: i64| {
+            let months = chrono::Months::new(u32::try_from(n.clamp(0, 1000) * 12).unwrap_or(0));
+            Timestamp(t.0.checked_add_months(months).unwrap_or(t.0))
+        })
         .register_fn("==", |a: Timestamp, b: Timestamp| a == b)
         .register_fn("!=", |a: Timestamp, b: Timestamp| a != b)
         .register_fn("<", |a: Timestamp, b: Timestamp| a < b)

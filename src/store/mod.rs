@@ -127,6 +127,10 @@ pub struct OutboxItem {
     pub payload: Value,
     /// Including the attempt this claim is for.
     pub attempts: u32,
+    /// Until when this claim is ours; nothing may start after it is too close.
+    pub lease_until: DateTime<Utc>,
+    /// Identifies this claim; recording an outcome needs it.
+    pub claim_token: String,
 }
 
 /// Delivery state of an outbox row.
@@ -321,10 +325,12 @@ pub trait Store: Send + Sync {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> StoreResult<Vec<OutboxItem>>;
-    /// Records how attempts ended, in one transaction. Only rows still in
-    /// `sending` change.
+    /// Records how attempts ended, in one transaction. Only rows still
+    /// claimed with the given token change (a worker whose lease expired and
+    /// was taken over cannot overwrite the new claimant's outcome).
     async fn record_attempts(
         &self,
+        claim_token: &str,
         results: &[(i64, AttemptResult)],
         at: DateTime<Utc>,
     ) -> StoreResult<()>;
@@ -349,6 +355,11 @@ pub trait Store: Send + Sync {
     async fn suppress(&self, email: &str, reason: &str, at: DateTime<Utc>) -> StoreResult<bool>;
     /// The reason an address is suppressed, if it is.
     async fn suppression(&self, email: &str) -> StoreResult<Option<String>>;
+    /// Which of these addresses are suppressed (lower-cased address → reason).
+    async fn suppressions_among(
+        &self,
+        emails: &[String],
+    ) -> StoreResult<std::collections::HashMap<String, String>>;
 
     // --- schedules ---
     /// The latest recorded firing time of a schedule (any status).

@@ -38,7 +38,7 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(8)
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
@@ -546,9 +546,10 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> StoreResult<Vec<OutboxItem>> {
         let now_ms = to_millis(now);
+        let token = crate::unsubscribe::random_secret();
         let mut tx = self.immediate().await?;
         let rows = sqlx::query(
-            "UPDATE actions SET status = 'sending', lease_until = ?1, attempts = attempts + 1
+            "UPDATE actions SET status = 'sending', lease_until = ?1, attempts = attempts + 1, claim_token = ?4
              WHERE id IN (
                 SELECT id FROM actions
                 WHERE (status = 'pending' AND next_attempt_at <= ?2)
@@ -559,6 +560,7 @@ impl Store for SqliteStore {
         .bind(to_millis(lease_until))
         .bind(now_ms)
         .bind(limit as i64)
+        .bind(&token)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -579,6 +581,8 @@ impl Store for SqliteStore {
                     dedup_key: r.try_get("dedup_key")?,
                     payload: json_of(&payload, "actions")?,
                     attempts: r.try_get::<i64, _>("attempts")? as u32,
+                    lease_until,
+                    claim_token: token.clone(),
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
@@ -588,6 +592,7 @@ impl Store for SqliteStore {
 
     async fn record_attempts(
         &self,
+        claim_token: &str,
         results: &[(i64, AttemptResult)],
         at: DateTime<Utc>,
     ) -> StoreResult<()> {
@@ -597,40 +602,40 @@ impl Store for SqliteStore {
             let q = match result {
                 AttemptResult::Sent { detail } => sqlx::query(
                     "UPDATE actions SET status = 'sent', last_error = NULL, finished_at = ?, lease_until = NULL,
-                     payload = json_set(payload, '$.delivery', ?) WHERE id = ? AND status = 'sending'",
+                     payload = json_set(payload, '$.delivery', ?) WHERE id = ? AND status = 'sending' AND claim_token = ?",
                 )
                 .bind(at)
                 .bind(detail.clone()),
                 AttemptResult::Retry { error, retry_at } => sqlx::query(
                     "UPDATE actions SET status = 'pending', last_error = ?, next_attempt_at = ?, lease_until = NULL
-                     WHERE id = ? AND status = 'sending'",
+                     WHERE id = ? AND status = 'sending' AND claim_token = ?",
                 )
                 .bind(error.clone())
                 .bind(to_millis(*retry_at)),
                 AttemptResult::Failed { error } => sqlx::query(
                     "UPDATE actions SET status = 'failed', last_error = ?, finished_at = ?, lease_until = NULL
-                     WHERE id = ? AND status = 'sending'",
+                     WHERE id = ? AND status = 'sending' AND claim_token = ?",
                 )
                 .bind(error.clone())
                 .bind(at),
                 AttemptResult::Released => sqlx::query(
                     "UPDATE actions SET status = 'pending', attempts = attempts - 1, lease_until = NULL
-                     WHERE id = ? AND status = 'sending'",
+                     WHERE id = ? AND status = 'sending' AND claim_token = ?",
                 ),
                 AttemptResult::Suppressed { reason } => sqlx::query(
                     "UPDATE actions SET status = 'suppressed', last_error = ?, finished_at = ?, lease_until = NULL
-                     WHERE id = ? AND status = 'sending'",
+                     WHERE id = ? AND status = 'sending' AND claim_token = ?",
                 )
                 .bind(reason.clone())
                 .bind(at),
                 AttemptResult::Dead { error } => sqlx::query(
                     "UPDATE actions SET status = 'dead', last_error = ?, finished_at = ?, lease_until = NULL
-                     WHERE id = ? AND status = 'sending'",
+                     WHERE id = ? AND status = 'sending' AND claim_token = ?",
                 )
                 .bind(error.clone())
                 .bind(at),
             };
-            q.bind(id).execute(&mut *tx).await?;
+            q.bind(id).bind(claim_token).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -750,6 +755,26 @@ impl Store for SqliteStore {
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+
+    async fn suppressions_among(
+        &self,
+        emails: &[String],
+    ) -> StoreResult<std::collections::HashMap<String, String>> {
+        let mut found = std::collections::HashMap::new();
+        for chunk in emails.chunks(5000) {
+            let lowered: Vec<String> = chunk.iter().map(|e| e.to_lowercase()).collect();
+            let rows = sqlx::query(
+                "SELECT email, reason FROM suppressions WHERE email IN (SELECT value FROM json_each(?))",
+            )
+            .bind(serde_json::to_string(&lowered).unwrap_or_else(|_| "[]".into()))
+            .fetch_all(&self.pool)
+            .await?;
+            for r in rows {
+                found.insert(r.try_get("email")?, r.try_get("reason")?);
+            }
+        }
+        Ok(found)
     }
 
     async fn last_firing(&self, schedule: &str) -> StoreResult<Option<DateTime<Utc>>> {

@@ -94,7 +94,7 @@ smtp_url = "{smtp}"
 retry_base_ms = 100
 retry_max_ms = 400
 run_retry_window_ms = 5000
-timeout_ms = 5000
+timeout_ms = 2000
 lease_ms = 6000
 max_attempts = 5
 

@@ -274,8 +274,12 @@ async fn rerunning_the_same_night_sends_nothing_new() {
     assert_eq!(again["rules"]["welcome"]["planned"], 0);
     assert_eq!(again["rules"]["welcome"]["deduplicated"], 1);
     assert_eq!(
-        again["rules"]["nps"]["deduplicated"], 2,
-        "review + open escalation"
+        again["rules"]["nps"]["deduplicated"], 1,
+        "the review request"
+    );
+    assert_eq!(
+        again["rules"]["nps"]["escalations"], 0,
+        "the tag remembers the escalation"
     );
 
     // A day later the drip moves on for the customers it should.
@@ -317,18 +321,32 @@ async fn an_escalation_is_recorded_listed_and_resolved() {
     let open = app.engaged(&["escalations", "--json"]).await.json();
     assert_eq!(open.as_array().unwrap().len(), 1);
 
-    // Once resolved, a detractor who is still a detractor is escalated anew.
-    app.run_at(NOW).await;
+    // Once resolved, the same NPS answer does not reopen it the next night…
+    app.run_at("2026-06-16T02:00:00Z").await;
+    let open = app.engaged(&["escalations", "--json"]).await.json();
+    assert_eq!(open.as_array().unwrap().len(), 1);
+    // …but a new low score does.
+    app.import_events(
+        &(track(
+            "detr",
+            "nps_submitted",
+            "2026-06-16T12:00:00Z",
+            json!({"score": 2}),
+        ) + "\n"),
+    )
+    .await;
+    app.run_at("2026-06-17T02:00:00Z").await;
     let open = app.engaged(&["escalations", "--json"]).await.json();
     assert_eq!(open.as_array().unwrap().len(), 2);
-    assert_eq!(
-        app.smtp
-            .messages()
-            .iter()
-            .filter(|m| m.rcpt_to[0] == "csm@acme.test")
-            .count(),
-        2
-    );
+    let to_csm: Vec<String> = app
+        .smtp
+        .messages()
+        .iter()
+        .filter(|m| m.rcpt_to[0] == "csm@acme.test")
+        .map(|m| m.subject())
+        .collect();
+    assert_eq!(to_csm.len(), 2, "{to_csm:?}");
+    assert!(to_csm[1].contains("scored 2"), "{to_csm:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -390,7 +408,7 @@ async fn a_run_killed_after_planning_delivers_the_rest_exactly_once_on_the_next_
     let mut child = app
         .command(&["run", "--now", NOW])
         .env("ENGAGED_MAIL__SMTP_URL", &hole_url)
-        .env("ENGAGED_DELIVERY__TIMEOUT_MS", "2000")
+        .env("ENGAGED_DELIVERY__TIMEOUT_MS", "1000")
         .env("ENGAGED_DELIVERY__LEASE_MS", "2500")
         .spawn()
         .unwrap();
@@ -515,12 +533,17 @@ async fn explain_shows_facts_rule_outcomes_and_history() {
         .iter()
         .find(|r| r["rule"] == "nps")
         .unwrap();
+    assert_eq!(
+        nps["outcome"], "nothing",
+        "the escalation tag is set: {nps}"
+    );
     assert!(
-        nps["actions"][0]["status"]
-            .as_str()
+        after["tags"]
+            .as_array()
             .unwrap()
-            .contains("already open"),
-        "{nps}"
+            .iter()
+            .any(|t| t.as_str().unwrap().starts_with("nps-escalated:")),
+        "{after}"
     );
     let history = after["history"].as_array().unwrap();
     assert!(
