@@ -32,6 +32,11 @@ impl ManualClock {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = at;
     }
 
+    /// The current reading (same as `Clock::now`, without importing the trait).
+    pub fn now_for_test(&self) -> DateTime<Utc> {
+        self.now()
+    }
+
     pub fn advance(&self, by: chrono::Duration) {
         let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
         *t += by;

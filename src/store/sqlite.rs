@@ -379,6 +379,9 @@ impl Store for SqliteStore {
         .await?;
 
         let mut per_rule: BTreeMap<String, RuleCommitCounts> = BTreeMap::new();
+        // A plan may name the same key twice (two rules tagging alike); the
+        // first occurrence is the planned one.
+        let mut counted: HashSet<&str> = HashSet::new();
         // Multi-row inserts: one statement per chunk instead of per action.
         // RETURNING names the rows that were new; the rest were deduplicated.
         for chunk in plan.actions.chunks(ACTION_CHUNK) {
@@ -410,7 +413,7 @@ impl Store for SqliteStore {
             let mut tags = Vec::new();
             for a in chunk {
                 let counts = per_rule.entry(a.rule.clone()).or_default();
-                if inserted.contains(&a.dedup_key) {
+                if inserted.contains(&a.dedup_key) && counted.insert(a.dedup_key.as_str()) {
                     counts.planned += 1;
                     if a.kind == OutboxKind::Tag {
                         tags.push(a);

@@ -14,6 +14,8 @@ use crate::smtp_server::SmtpServer;
 
 pub const NOW: &str = "2026-06-15T02:00:00Z";
 pub const DEFAULT_OWNER: &str = "success@acme.test";
+pub const WRITE_KEY: &str = "test-write-key";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 pub struct TestApp {
     pub dir: TempDir,
@@ -86,6 +88,12 @@ impl TestApp {
             r#"[database]
 url = "{db}"
 
+[rules]
+dir = "{rules}"
+
+[templates]
+dir = "{templates}"
+
 [mail]
 from = "Acme <hello@acme.test>"
 smtp_url = "{smtp}"
@@ -104,11 +112,17 @@ default_owner = "{owner}"
 [http]
 public_url = "https://engage.acme.test"
 signing_secret = "test-secret"
+write_key = "{write_key}"
+admin_token = "{admin_token}"
 {extra}
 "#,
             db = self.db_url(),
+            rules = self.path("rules").display(),
+            templates = self.path("templates").display(),
             smtp = self.smtp.url(),
             owner = DEFAULT_OWNER,
+            write_key = WRITE_KEY,
+            admin_token = ADMIN_TOKEN,
         );
         std::fs::write(self.path("engaged.toml"), config).unwrap();
     }
@@ -147,6 +161,11 @@ signing_secret = "test-secret"
         let r = self.engaged(&["run", "--now", now, "--json"]).await;
         assert_eq!(r.code, 0, "run failed:\n{}\n{}", r.stdout, r.stderr);
         r.json()
+    }
+
+    /// The config as the daemon would load it.
+    pub fn config(&self) -> engaged::config::Config {
+        engaged::config::Config::load(&self.path("engaged.toml"), true).unwrap()
     }
 
     /// Opens the same database through the library, for assertions.

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, real parts (SQLite files, a real SMTP
 //! server over TCP, the real `engaged` executable).
 
+mod daemon;
 mod helpers;
 mod import;
 mod pipeline;

@@ -26,6 +26,8 @@ pub struct ReceivedMessage {
     pub data: Vec<u8>,
     /// The user name the session authenticated as (AUTH PLAIN), if any.
     pub authenticated_as: Option<String>,
+    /// When the server accepted it.
+    pub received_at: Instant,
 }
 
 impl ReceivedMessage {
@@ -93,6 +95,8 @@ struct State {
     connections: usize,
     /// When set, sessions must `AUTH PLAIN` with these credentials before MAIL.
     required_auth: Option<(String, String)>,
+    /// Pause before answering end-of-DATA (a slow server).
+    delay: Duration,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -212,6 +216,11 @@ impl SmtpServer {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         lock(&self.state).connections
+    }
+
+    /// From now on, answer each end-of-DATA only after `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        lock(&self.state).delay = delay;
     }
 
     /// From now on, sessions must `AUTH PLAIN` as `user`/`pass` before sending.
@@ -440,6 +449,7 @@ fn finish_transaction(
                 rcpt_to: rcpts,
                 data,
                 authenticated_as,
+                received_at: Instant::now(),
             });
             "250 2.0.0 OK: queued\r\n".to_string()
         }
