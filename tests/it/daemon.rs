@@ -737,3 +737,44 @@ async fn a_cli_run_while_serve_runs_on_the_same_database_sends_no_duplicates() {
     assert_eq!(to.len(), 30);
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_zagreb_nightly_fires_once_a_night_at_local_0200_through_both_dst_changes() {
+    let app = TestApp::new().await;
+    app.write_config(NIGHTLY);
+    let clock = Arc::new(ManualClock::new(at("2026-03-26T12:00:00Z")));
+    let daemon = Daemon::new(app.config(), clock.clone()).await.unwrap();
+    daemon.tick().await.unwrap(); // first sight: baseline only
+    // Step the injected clock minute by minute through the nights around the
+    // changes (no sleeping) and note when a firing is queued.
+    let mut fired = Vec::new();
+    for (from, to) in [
+        ("2026-03-27T22:00:00Z", "2026-03-30T04:00:00Z"),
+        ("2026-10-23T22:00:00Z", "2026-10-26T04:00:00Z"),
+    ] {
+        let mut t = at(from);
+        while t < at(to) {
+            clock.set(t);
+            if daemon.tick().await.unwrap() > 0 {
+                fired.push(
+                    t.with_timezone(&chrono_tz::Europe::Zagreb)
+                        .format("%m-%d %H:%M %Z")
+                        .to_string(),
+                );
+                while daemon.run_next_firing().await.unwrap().is_some() {}
+            }
+            t += chrono::Duration::minutes(1);
+        }
+    }
+    assert_eq!(
+        fired,
+        [
+            "03-28 02:00 CET",
+            "03-29 03:00 CEST", // 02:00 does not exist: first minute after the gap
+            "03-30 02:00 CEST",
+            "10-24 02:00 CEST",
+            "10-25 02:00 CEST", // 02:00 happens twice: once only
+            "10-26 02:00 CET",
+        ]
+    );
+}
