@@ -71,6 +71,13 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<EscalationCommand>,
     },
+    /// Addresses that get no marketing email: list, add, remove, import.
+    Suppressions {
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<SuppressionCommand>,
+    },
     /// A customer's facts and every rule's outcome for them.
     Explain {
         customer_id: String,
@@ -115,6 +122,20 @@ pub enum ImportCommand {
     Customers { file: PathBuf },
     /// One Segment message (identify or track) per line.
     Events { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SuppressionCommand {
+    /// Suppress an address (works before the customer exists).
+    Add {
+        email: String,
+        #[arg(long, default_value = "added by hand")]
+        reason: String,
+    },
+    /// Lift a suppression.
+    Remove { email: String },
+    /// Suppress every address in a CSV file (column `email`, optional `reason`).
+    Import { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -323,6 +344,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Suppressions { json, action } => {
+            let app = App::open(cli.config.as_deref()).await?;
+            suppressions(&app, json, action).await
+        }
         Command::Explain {
             customer_id,
             now,
@@ -374,6 +399,103 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 files.events_jsonl.display()
             );
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn suppressions(
+    app: &App,
+    json: bool,
+    action: Option<SuppressionCommand>,
+) -> Result<ExitCode> {
+    let now = Utc::now();
+    match action {
+        None => {
+            let list = app.store.suppressions().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("No suppressed addresses.");
+            } else {
+                for s in list {
+                    println!(
+                        "{:<40}  {}  {}",
+                        s.email,
+                        s.created_at.format("%Y-%m-%d %H:%M"),
+                        s.reason
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(SuppressionCommand::Add { email, reason }) => {
+            let email = Email::parse(&email)?;
+            if app.store.suppress(email.as_str(), &reason, now).await? {
+                println!("{email} is suppressed.");
+            } else {
+                println!("{email} was already suppressed.");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(SuppressionCommand::Remove { email }) => {
+            if app.store.unsuppress(&email).await? {
+                println!("{email} is no longer suppressed.");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("error: {email} is not suppressed");
+                Ok(ExitCode::from(1))
+            }
+        }
+        Some(SuppressionCommand::Import { file }) => {
+            let mut reader = csv::ReaderBuilder::new()
+                .trim(csv::Trim::All)
+                .from_path(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let headers = reader.headers()?.clone();
+            let col = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
+            let Some(email_col) = col("email") else {
+                bail!("{}: the header row has no \"email\" column", file.display());
+            };
+            let reason_col = col("reason");
+            let (mut added, mut already, mut rejected) = (0, 0, 0);
+            for (i, record) in reader.records().enumerate() {
+                let line = i + 2;
+                let record = match record {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("{}:{line}: {e}", file.display());
+                        rejected += 1;
+                        continue;
+                    }
+                };
+                let raw = record.get(email_col).unwrap_or_default();
+                let email = match Email::parse(raw) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        eprintln!("{}:{line}: {e}", file.display());
+                        rejected += 1;
+                        continue;
+                    }
+                };
+                let reason = reason_col
+                    .and_then(|c| record.get(c))
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or("imported");
+                if app.store.suppress(email.as_str(), reason, now).await? {
+                    added += 1;
+                } else {
+                    already += 1;
+                }
+            }
+            println!(
+                "{}: {added} suppressed, {already} already suppressed, {rejected} rejected",
+                file.display()
+            );
+            Ok(if rejected > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }
@@ -480,13 +602,29 @@ fn print_summary(s: &RunSummary) {
         s.customers, s.evaluations, s.evaluation_seconds
     );
     println!(
-        "{:<24} {:>8} {:>8} {:>7} {:>7} {:>11} {:>5} {:>8}",
-        "rule", "planned", "dedup", "errors", "emails", "escalations", "tags", "webhooks"
+        "{:<24} {:>8} {:>8} {:>10} {:>7} {:>7} {:>11} {:>5} {:>8}",
+        "rule",
+        "planned",
+        "dedup",
+        "suppressed",
+        "errors",
+        "emails",
+        "escalations",
+        "tags",
+        "webhooks"
     );
     for (rule, r) in &s.rules {
         println!(
-            "{:<24} {:>8} {:>8} {:>7} {:>7} {:>11} {:>5} {:>8}",
-            rule, r.planned, r.deduplicated, r.errors, r.emails, r.escalations, r.tags, r.webhooks
+            "{:<24} {:>8} {:>8} {:>10} {:>7} {:>7} {:>11} {:>5} {:>8}",
+            rule,
+            r.planned,
+            r.deduplicated,
+            r.suppressed,
+            r.errors,
+            r.emails,
+            r.escalations,
+            r.tags,
+            r.webhooks
         );
     }
     for e in &s.errors {
@@ -511,8 +649,12 @@ fn print_summary(s: &RunSummary) {
         }
     } else {
         println!(
-            "delivery: {} sent, {} failed, {} retrying later, {} dead",
-            s.delivery.sent, s.delivery.failed, s.delivery.retrying, s.delivery.dead
+            "delivery: {} sent, {} failed, {} retrying later, {} dead, {} suppressed",
+            s.delivery.sent,
+            s.delivery.failed,
+            s.delivery.retrying,
+            s.delivery.dead,
+            s.delivery.suppressed
         );
     }
 }

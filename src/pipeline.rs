@@ -37,6 +37,8 @@ const MAX_ERRORS_IN_SUMMARY: usize = 50;
 pub struct RuleSummary {
     pub planned: usize,
     pub deduplicated: usize,
+    /// Emails not planned because the address is suppressed.
+    pub suppressed: usize,
     pub errors: usize,
     pub emails: usize,
     pub escalations: usize,
@@ -104,6 +106,7 @@ pub struct Evaluation {
 /// Turns one planned action into what the store keeps. Pure.
 pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) -> Outgoing {
     let customer = facts.customer.clone();
+    let customer_email = customer.email.as_ref().map(ToString::to_string);
     let key = dedup_key(&action);
     let PlannedAction {
         rule,
@@ -116,6 +119,7 @@ pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) 
             rule: rule.clone(),
             kind,
             dedup_key: key.clone().unwrap_or_default(),
+            customer_email: customer_email.clone(),
             subject,
             payload: payload.unwrap_or_else(|_| "null".into()),
         })
@@ -346,7 +350,7 @@ pub async fn run(
         .only_rules
         .as_ref()
         .map(|r| Arc::new(r.iter().cloned().collect()));
-    let eval = evaluate(
+    let mut eval = evaluate(
         &*store,
         Arc::clone(&rules),
         only.clone(),
@@ -377,6 +381,10 @@ pub async fn run(
         return Ok(summary);
     }
 
+    let suppressed = drop_suppressed(&*store, &mut eval.outgoing).await?;
+    for rule in suppressed {
+        summary.rules.entry(rule).or_default().suppressed += 1;
+    }
     let mut commit = PlanCommit {
         trigger: opts.trigger.clone(),
         now: opts.now,
@@ -419,6 +427,35 @@ pub async fn run(
         )
         .await?;
     Ok(summary)
+}
+
+/// Removes emails to suppressed addresses from the plan (checked again
+/// right before sending); returns the rule of each one removed.
+async fn drop_suppressed(
+    store: &dyn Store,
+    outgoing: &mut Vec<Outgoing>,
+) -> Result<Vec<String>, StoreError> {
+    let email_of = |o: &Outgoing| match o {
+        Outgoing::Action(a) if a.kind == OutboxKind::Email => a.customer_email.clone(),
+        _ => None,
+    };
+    let emails: Vec<String> = outgoing.iter().filter_map(email_of).collect();
+    if emails.is_empty() {
+        return Ok(Vec::new());
+    }
+    let suppressed = store.suppressions_among(&emails).await?;
+    if suppressed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut dropped = Vec::new();
+    outgoing.retain(|o| match email_of(o) {
+        Some(e) if suppressed.contains_key(&e.to_lowercase()) => {
+            dropped.push(o.rule().to_owned());
+            false
+        }
+        _ => true,
+    });
+    Ok(dropped)
 }
 
 /// Fills `planned` / `deduplicated` and the action list for a dry run,

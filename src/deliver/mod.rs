@@ -217,18 +217,32 @@ impl Deliverer {
                             Some(reason) => AttemptResult::Suppressed { reason },
                             None => self.attempt(&item).await,
                         };
-                        (item.id, result)
+                        let bounced = hard_bounce(&item, &result);
+                        (item.id, result, bounced)
                     }
                 })
                 .buffer_unordered(self.policy.concurrency)
                 .ready_chunks(64);
-            while let Some(results) = finished.next().await {
+            while let Some(chunk) = finished.next().await {
+                let (results, bounces): (Vec<(i64, AttemptResult)>, Vec<Option<String>>) = chunk
+                    .into_iter()
+                    .map(|(id, result, bounced)| ((id, result), bounced))
+                    .unzip();
                 self.store
                     .record_attempts(&token, &results, Utc::now())
                     .await?;
                 for (id, result) in &results {
                     log_result(*id, result);
                     report.add(result);
+                }
+                // A hard bounce suppresses the address for marketing mail.
+                for (email, (_, result)) in bounces.iter().zip(&results) {
+                    if let (Some(email), AttemptResult::Failed { error }) = (email, result) {
+                        self.store
+                            .suppress(email, &format!("bounced: {error}"), Utc::now())
+                            .await?;
+                        tracing::warn!(email, "Hard bounce; the address is now suppressed.");
+                    }
                 }
             }
         }
@@ -457,6 +471,23 @@ impl Deliverer {
             ))
         })?;
         webhook::post(&self.http, hook, item, &p).await
+    }
+}
+
+/// The address to suppress when a customer email was refused because the
+/// mailbox does not exist (550 / 551 / 553, or an enhanced 5.1.x status).
+fn hard_bounce(item: &OutboxItem, result: &AttemptResult) -> Option<String> {
+    let AttemptResult::Failed { error } = result else {
+        return None;
+    };
+    let code = error
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .find(|w| w.len() == 3 && w.starts_with('5'));
+    let mailbox = matches!(code, Some("550" | "551" | "553")) || error.contains(" 5.1.");
+    if mailbox {
+        customer_email(item).map(str::to_owned)
+    } else {
+        None
     }
 }
 

@@ -63,6 +63,8 @@ pub struct NewAction {
     pub rule: String,
     pub kind: OutboxKind,
     pub dedup_key: String,
+    /// The customer's address when the action was planned (suppression checks).
+    pub customer_email: Option<String>,
     /// What the action is about, for reports: `template/key` of an email,
     /// the tag's name (which committing applies), the webhook's name.
     pub subject: String,
@@ -187,6 +189,14 @@ pub enum AttemptResult {
     Released,
     /// Not sent: the address is suppressed (unsubscribed, bounced…).
     Suppressed { reason: String },
+}
+
+/// A suppressed address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SuppressionRecord {
+    pub email: String,
+    pub reason: String,
+    pub created_at: DateTime<Utc>,
 }
 
 /// A schedule firing claimed to run.
@@ -355,6 +365,10 @@ pub trait Store: Send + Sync {
     async fn suppress(&self, email: &str, reason: &str, at: DateTime<Utc>) -> StoreResult<bool>;
     /// The reason an address is suppressed, if it is.
     async fn suppression(&self, email: &str) -> StoreResult<Option<String>>;
+    /// Lifts a suppression; false if the address was not suppressed.
+    async fn unsuppress(&self, email: &str) -> StoreResult<bool>;
+    /// Every suppression, oldest first.
+    async fn suppressions(&self) -> StoreResult<Vec<SuppressionRecord>>;
     /// Which of these addresses are suppressed (lower-cased address → reason).
     async fn suppressions_among(
         &self,

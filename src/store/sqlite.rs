@@ -760,6 +760,32 @@ impl Store for SqliteStore {
         )
     }
 
+    async fn unsuppress(&self, email: &str) -> StoreResult<bool> {
+        let n = sqlx::query("DELETE FROM suppressions WHERE email = lower(?)")
+            .bind(email)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn suppressions(&self) -> StoreResult<Vec<SuppressionRecord>> {
+        let rows = sqlx::query(
+            "SELECT email, reason, created_at FROM suppressions ORDER BY created_at, email",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SuppressionRecord {
+                    email: r.try_get("email")?,
+                    reason: r.try_get("reason")?,
+                    created_at: from_millis(r.try_get("created_at")?),
+                })
+            })
+            .collect()
+    }
+
     async fn suppressions_among(
         &self,
         emails: &[String],

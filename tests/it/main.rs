@@ -5,6 +5,7 @@ mod daemon;
 mod helpers;
 mod import;
 mod pipeline;
+mod policy;
 mod rules;
 mod smtp_selftest;
 mod smtp_server;
