@@ -71,6 +71,16 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<EscalationCommand>,
     },
+    /// List runs (held ones show what waits for approval); approve or reject holds.
+    Runs {
+        #[arg(long)]
+        json: bool,
+        /// How many runs to list, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(subcommand)]
+        action: Option<RunsCommand>,
+    },
     /// Addresses that get no marketing email: list, add, remove, import.
     Suppressions {
         #[arg(long)]
@@ -122,6 +132,22 @@ pub enum ImportCommand {
     Customers { file: PathBuf },
     /// One Segment message (identify or track) per line.
     Events { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// Release emails the blast-radius guard held (all rules, or one).
+    Approve {
+        run_id: i64,
+        #[arg(long)]
+        rule: Option<String>,
+    },
+    /// Drop held emails for good (recorded as rejected).
+    Reject {
+        run_id: i64,
+        #[arg(long)]
+        rule: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,6 +370,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Runs {
+            json,
+            limit,
+            action,
+        } => {
+            let app = App::open(cli.config.as_deref()).await?;
+            runs(&app, json, limit, action).await
+        }
         Command::Suppressions { json, action } => {
             let app = App::open(cli.config.as_deref()).await?;
             suppressions(&app, json, action).await
@@ -401,6 +435,63 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn runs(
+    app: &App,
+    json: bool,
+    limit: usize,
+    action: Option<RunsCommand>,
+) -> Result<ExitCode> {
+    let (run_id, rule, approve) = match action {
+        None => {
+            let list = app.store.runs(limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("No runs yet.");
+            } else {
+                println!(
+                    "{:>5}  {:<10}  {:<20}  {:<22}  held",
+                    "id", "status", "trigger", "evaluated as of"
+                );
+                for r in list {
+                    let held: Vec<String> = r
+                        .held
+                        .iter()
+                        .map(|(rule, n)| format!("{rule}: {n}"))
+                        .collect();
+                    println!(
+                        "{:>5}  {:<10}  {:<20}  {:<22}  {}",
+                        r.id,
+                        r.status,
+                        r.trigger,
+                        r.now.format("%Y-%m-%d %H:%M UTC"),
+                        held.join(", ")
+                    );
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(RunsCommand::Approve { run_id, rule }) => (run_id, rule, true),
+        Some(RunsCommand::Reject { run_id, rule }) => (run_id, rule, false),
+    };
+    let n = app
+        .store
+        .decide_held(run_id, rule.as_deref(), approve, Utc::now())
+        .await?;
+    let what = rule.map_or_else(|| "all rules".to_owned(), |r| format!("rule {r}"));
+    if n == 0 {
+        eprintln!("error: run {run_id} has no held emails for {what}");
+        return Ok(ExitCode::from(1));
+    }
+    if approve {
+        println!("Approved {n} held emails of run {run_id} ({what}); they go out now.");
+        tracing::info!(run = run_id, emails = n, "Held emails approved.");
+    } else {
+        println!("Rejected {n} held emails of run {run_id} ({what}); they will not be sent.");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn suppressions(
@@ -515,6 +606,8 @@ async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, trigger: &str) -> Res
         trigger: trigger.to_owned(),
         retry_window: Duration::from_millis(app.config.delivery.run_retry_window_ms),
         only_rules: None,
+        policy: app.config.policy.clone(),
+        guard: app.config.guard.clone(),
     };
     let summary = pipeline::run(
         Arc::clone(&app.store),
@@ -629,6 +722,14 @@ fn print_summary(s: &RunSummary) {
     }
     for e in &s.errors {
         println!("error: customer {}: {}", e.customer_id, e.message);
+    }
+    for (rule, r) in s.rules.iter().filter(|(_, r)| r.held > 0) {
+        println!(
+            "HELD: rule {rule} would email {} of {} customers; nothing of it was sent. Review, then `engaged runs approve {} --rule {rule}` or `engaged runs reject …`.",
+            r.held,
+            s.customers,
+            s.run_id.unwrap_or_default()
+        );
     }
     if s.dry_run {
         for w in s.would.iter().take(200) {

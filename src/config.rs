@@ -26,6 +26,8 @@ pub struct Config {
     pub webhooks: BTreeMap<String, WebhookConfig>,
     pub schedules: Vec<ScheduleConfig>,
     pub log: LogConfig,
+    pub policy: crate::policy::PolicyConfig,
+    pub guard: crate::policy::GuardConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -407,6 +409,16 @@ impl Config {
                 "delivery.lease_ms ({}) must be more than twice delivery.timeout_ms ({}): a send (connect + transfer) must fit in a claim",
                 self.delivery.lease_ms, self.delivery.timeout_ms
             ));
+        }
+        self.policy.window()?;
+        self.policy.default_tz()?;
+        if let Some(cap) = self.policy.frequency_cap
+            && (cap.emails == 0 || cap.days == 0)
+        {
+            return Err("policy.frequency_cap needs emails >= 1 and days >= 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.guard.max_share) {
+            return Err("guard.max_share is a share between 0 and 1".into());
         }
         for s in &self.schedules {
             crate::schedule::Schedule::parse(s)?;

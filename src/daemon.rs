@@ -190,6 +190,8 @@ impl Daemon {
             trigger: format!("schedule:{}", firing.schedule),
             retry_window: Duration::ZERO,
             only_rules: only,
+            policy: self.config.policy.clone(),
+            guard: self.config.guard.clone(),
         };
         let summary = pipeline::run(
             Arc::clone(&self.store),

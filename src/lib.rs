@@ -14,6 +14,7 @@
 //! - [`facts`]: a customer's events as of `now`, and the questions rules ask of them.
 //! - [`engine`]: the locked-down Rhai engine; evaluates rules into planned actions, no I/O.
 //! - [`plan`]: planned actions, outbox payloads and dedup keys (pure).
+//! - [`policy`]: blast-radius guard, send windows, frequency cap (pure decisions).
 //! - [`templates`]: MiniJinja templates with front matter; rendering is pure once loaded.
 //! - [`deliver`]: the only code that talks SMTP/HTTP; `deliver_one` and a loop around it.
 //! - [`pipeline`]: one evaluation run: evaluate → plan → commit → deliver.
@@ -39,6 +40,7 @@ pub mod library;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;
+pub mod policy;
 pub mod schedule;
 pub mod store;
 pub mod templates;

@@ -39,6 +39,12 @@ pub struct RuleSummary {
     pub deduplicated: usize,
     /// Emails not planned because the address is suppressed.
     pub suppressed: usize,
+    /// Emails over the frequency cap: not planned now (defer) or dropped.
+    pub capped: usize,
+    /// Emails that wait for the customer's send window to open.
+    pub waiting_for_window: usize,
+    /// Emails held by the blast-radius guard for approval.
+    pub held: usize,
     pub errors: usize,
     pub emails: usize,
     pub escalations: usize,
@@ -107,6 +113,7 @@ pub struct Evaluation {
 pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) -> Outgoing {
     let customer = facts.customer.clone();
     let customer_email = customer.email.as_ref().map(ToString::to_string);
+    let customer_tz = customer.timezone.clone();
     let key = dedup_key(&action);
     let PlannedAction {
         rule,
@@ -120,6 +127,9 @@ pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) 
             kind,
             dedup_key: key.clone().unwrap_or_default(),
             customer_email: customer_email.clone(),
+            customer_timezone: customer_tz.clone(),
+            not_before: None,
+            dropped: None,
             subject,
             payload: payload.unwrap_or_else(|_| "null".into()),
         })
@@ -334,6 +344,8 @@ pub struct RunOptions {
     pub retry_window: Duration,
     /// Evaluate only these rules (a schedule's subset); `None` = all.
     pub only_rules: Option<Vec<String>>,
+    pub policy: crate::policy::PolicyConfig,
+    pub guard: crate::policy::GuardConfig,
 }
 
 /// Evaluates, plans and (unless dry) commits and delivers.
@@ -385,12 +397,24 @@ pub async fn run(
     for rule in suppressed {
         summary.rules.entry(rule).or_default().suppressed += 1;
     }
+    if let Some(cap) = opts.policy.frequency_cap {
+        for rule in apply_frequency_cap(&*store, &rules, cap, opts.now, &mut eval.outgoing).await? {
+            summary.rules.entry(rule).or_default().capped += 1;
+        }
+    }
+    if let Some(window) = opts.policy.window().ok().flatten() {
+        let fallback = opts.policy.default_tz().unwrap_or(chrono_tz::UTC);
+        for rule in apply_send_window(window, fallback, opts.now, &mut eval.outgoing) {
+            summary.rules.entry(rule).or_default().waiting_for_window += 1;
+        }
+    }
     let mut commit = PlanCommit {
         trigger: opts.trigger.clone(),
         now: opts.now,
         started_at,
         errors: eval.errors,
         summary: serde_json::to_value(&summary).unwrap_or(Value::Null),
+        guard: Some((opts.guard.clone(), summary.customers)),
         ..Default::default()
     };
     for o in eval.outgoing {
@@ -401,6 +425,17 @@ pub async fn run(
     }
     let outcome = store.commit_plan(commit).await?;
     summary.run_id = Some(outcome.run_id);
+    for (rule, n) in &outcome.held {
+        summary.rules.entry(rule.clone()).or_default().held = *n;
+        tracing::warn!(
+            run = outcome.run_id,
+            rule,
+            emails = n,
+            customers = summary.customers,
+            "The blast-radius guard held this rule's emails; approve with `engaged runs approve {} --rule {rule}`.",
+            outcome.run_id
+        );
+    }
     for (rule, counts) in &outcome.per_rule {
         let s = summary.rules.entry(rule.clone()).or_default();
         s.planned = counts.planned;
@@ -427,6 +462,117 @@ pub async fn run(
         )
         .await?;
     Ok(summary)
+}
+
+/// The frequency cap: per customer, new marketing emails beyond the room
+/// left in the cap's window are deferred (left out of this plan) or dropped
+/// (recorded, never sent), lowest priority first. Returns the rule of each
+/// email capped.
+async fn apply_frequency_cap(
+    store: &dyn Store,
+    rules: &RuleSet,
+    cap: crate::policy::FrequencyCap,
+    now: DateTime<Utc>,
+    outgoing: &mut Vec<Outgoing>,
+) -> Result<Vec<String>, StoreError> {
+    use crate::policy::{CapDecision, RulePolicy, apply_cap};
+    // Only emails that are new (not already in the ledger) compete for room.
+    let keys: Vec<String> = outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Action(a) if a.kind == OutboxKind::Email => Some(a.dedup_key.clone()),
+            _ => None,
+        })
+        .collect();
+    let existing = store.existing_dedup_keys(&keys).await?;
+    let mut per_customer: HashMap<CustomerId, Vec<usize>> = HashMap::new();
+    for (i, o) in outgoing.iter().enumerate() {
+        if let Outgoing::Action(a) = o
+            && a.kind == OutboxKind::Email
+            && !existing.contains(&a.dedup_key)
+        {
+            per_customer
+                .entry(a.customer_id.clone())
+                .or_default()
+                .push(i);
+        }
+    }
+    let ids: Vec<CustomerId> = per_customer.keys().cloned().collect();
+    let since = now - chrono::Duration::days(i64::from(cap.days));
+    let recent = store.recent_email_counts(&ids, since).await?;
+    let mut decisions: HashMap<usize, CapDecision> = HashMap::new();
+    for (customer, idx) in &per_customer {
+        let used = recent.get(customer).copied().unwrap_or(0);
+        let room = cap.emails.saturating_sub(used) as usize;
+        let policies: Vec<RulePolicy> = idx
+            .iter()
+            .map(|&i| {
+                rules.rule(outgoing[i].rule()).map_or(
+                    RulePolicy {
+                        priority: 0,
+                        drop_when_capped: false,
+                    },
+                    |r| r.policy,
+                )
+            })
+            .collect();
+        for (&i, d) in idx.iter().zip(apply_cap(&policies, room)) {
+            decisions.insert(i, d);
+        }
+    }
+    let mut capped = Vec::new();
+    let reason = format!(
+        "frequency cap: at most {} emails in {} days",
+        cap.emails, cap.days
+    );
+    let mut i = 0;
+    outgoing.retain_mut(|o| {
+        let keep = match decisions.get(&i) {
+            Some(CapDecision::Defer) => {
+                capped.push(o.rule().to_owned());
+                false
+            }
+            Some(CapDecision::Drop) => {
+                capped.push(o.rule().to_owned());
+                if let Outgoing::Action(a) = o {
+                    a.dropped = Some(format!("dropped by the {reason}"));
+                }
+                true
+            }
+            _ => true,
+        };
+        i += 1;
+        keep
+    });
+    Ok(capped)
+}
+
+/// Send windows: marketing emails planned while the customer's window is
+/// closed wait until it opens. Returns the rule of each email that waits.
+fn apply_send_window(
+    window: crate::policy::SendWindow,
+    fallback: chrono_tz::Tz,
+    now: DateTime<Utc>,
+    outgoing: &mut [Outgoing],
+) -> Vec<String> {
+    let mut waiting = Vec::new();
+    for o in outgoing.iter_mut() {
+        if let Outgoing::Action(a) = o
+            && a.kind == OutboxKind::Email
+            && a.dropped.is_none()
+        {
+            let tz = a
+                .customer_timezone
+                .as_deref()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(fallback);
+            if let Some(open) = window.next_open(now, tz) {
+                a.not_before = Some(open);
+                waiting.push(a.rule.clone());
+            }
+        }
+    }
+    waiting
 }
 
 /// Removes emails to suppressed addresses from the plan (checked again

@@ -61,7 +61,60 @@ pub struct Rule {
     /// The file stem: `rules/welcome.rhai` → `welcome`.
     pub id: String,
     pub path: PathBuf,
+    /// From `// @priority N` and `// @when_capped drop|defer` comment lines.
+    pub policy: crate::policy::RulePolicy,
     ast: AST,
+}
+
+/// Reads the rule's policy directives: comment lines `// @priority 10`
+/// (higher wins when the frequency cap bites; default 0) and
+/// `// @when_capped drop` (default `defer`: not planned now, planned again
+/// at the next run that has room).
+fn directives(path: &Path, source: &str) -> Result<crate::policy::RulePolicy, RuleError> {
+    let mut policy = crate::policy::RulePolicy {
+        priority: 0,
+        drop_when_capped: false,
+    };
+    for (i, line) in source.lines().enumerate() {
+        let Some(rest) = line.trim_start().strip_prefix("//") else {
+            continue;
+        };
+        let Some(directive) = rest.trim_start().strip_prefix('@') else {
+            continue;
+        };
+        let (name, value) = directive
+            .split_once([' ', ':', '='])
+            .unwrap_or((directive, ""));
+        let value = value.trim().trim_matches(['"', ':', '=', ' ']);
+        let err = |message: String| RuleError {
+            path: path.to_owned(),
+            line: i + 1,
+            col: 1,
+            message,
+        };
+        match name.trim() {
+            "priority" => {
+                policy.priority = value
+                    .parse()
+                    .map_err(|_| err(format!("@priority needs a whole number, not {value:?}")))?;
+            }
+            "when_capped" => {
+                policy.drop_when_capped = match value {
+                    "drop" => true,
+                    "defer" => false,
+                    other => {
+                        return Err(err(format!("@when_capped is drop or defer, not {other:?}")));
+                    }
+                };
+            }
+            other => {
+                return Err(err(format!(
+                    "unknown directive @{other}; known: @priority, @when_capped"
+                )));
+            }
+        }
+    }
+    Ok(policy)
 }
 
 /// Per-evaluation state reachable from native functions.
@@ -257,6 +310,11 @@ impl RuleSet {
         &self.rules
     }
 
+    /// The rule with this id.
+    pub fn rule(&self, id: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.id == id)
+    }
+
     /// Keeps only the named rules (a schedule's subset).
     pub fn retain(&mut self, ids: &[String]) {
         self.rules.retain(|r| ids.contains(&r.id));
@@ -350,6 +408,7 @@ fn compile(engine: &Engine, path: &Path, source: &str) -> Result<Rule, RuleError
     Ok(Rule {
         id,
         path: path.to_owned(),
+        policy: directives(path, source)?,
         ast,
     })
 }

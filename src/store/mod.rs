@@ -65,6 +65,12 @@ pub struct NewAction {
     pub dedup_key: String,
     /// The customer's address when the action was planned (suppression checks).
     pub customer_email: Option<String>,
+    /// The customer's time zone when planned (send windows).
+    pub customer_timezone: Option<String>,
+    /// Not to be delivered before this (the send window opens).
+    pub not_before: Option<DateTime<Utc>>,
+    /// Recorded but never delivered, with this reason (frequency cap: drop).
+    pub dropped: Option<String>,
     /// What the action is about, for reports: `template/key` of an email,
     /// the tag's name (which committing applies), the webhook's name.
     pub subject: String,
@@ -102,6 +108,8 @@ pub struct PlanCommit {
     pub errors: Vec<RuleErrorRecord>,
     /// The run's summary so far (evaluation counts); stored as JSON.
     pub summary: Value,
+    /// Blast-radius guard and the number of customers evaluated.
+    pub guard: Option<(crate::policy::GuardConfig, u64)>,
 }
 
 /// Per-rule counts of what committing a plan did.
@@ -115,6 +123,8 @@ pub struct RuleCommitCounts {
 pub struct CommitOutcome {
     pub run_id: i64,
     pub per_rule: BTreeMap<String, RuleCommitCounts>,
+    /// Rules whose emails the guard held, with how many.
+    pub held: BTreeMap<String, usize>,
 }
 
 /// An outbox row claimed for delivery.
@@ -254,6 +264,8 @@ pub struct RunRecord {
     pub finished_at: Option<DateTime<Utc>>,
     pub status: String,
     pub summary: Value,
+    /// Emails of this run waiting for approval, per rule.
+    pub held: BTreeMap<String, u64>,
 }
 
 /// Outbox counts by status.
@@ -325,6 +337,21 @@ pub trait Store: Send + Sync {
     async fn finish_run(&self, run_id: i64, status: &str, summary: &Value) -> StoreResult<()>;
     async fn runs(&self, limit: usize) -> StoreResult<Vec<RunRecord>>;
     async fn run_errors(&self, run_id: i64) -> StoreResult<Vec<RuleErrorRecord>>;
+    /// Releases (approve) or drops (reject) a run's held emails, all or one
+    /// rule's; returns how many changed.
+    async fn decide_held(
+        &self,
+        run_id: i64,
+        rule: Option<&str>,
+        approve: bool,
+        at: DateTime<Utc>,
+    ) -> StoreResult<u64>;
+    /// Marketing emails planned for each customer since `since` (for the cap).
+    async fn recent_email_counts(
+        &self,
+        customers: &[CustomerId],
+        since: DateTime<Utc>,
+    ) -> StoreResult<std::collections::HashMap<CustomerId, u32>>;
 
     // --- deliver ---
     /// Claims up to `limit` actions that are due at `now` (pending, or

@@ -382,25 +382,34 @@ impl Store for SqliteStore {
         // A plan may name the same key twice (two rules tagging alike); the
         // first occurrence is the planned one.
         let mut counted: HashSet<&str> = HashSet::new();
+        let mut new_emails: BTreeMap<&str, usize> = BTreeMap::new();
         // Multi-row inserts: one statement per chunk instead of per action.
         // RETURNING names the rows that were new; the rest were deduplicated.
         for chunk in plan.actions.chunks(ACTION_CHUNK) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO actions (run_id, customer_id, rule, kind, dedup_key, payload, status,
-                                      next_attempt_at, created_at, finished_at) ",
+                                      next_attempt_at, created_at, finished_at, last_error) ",
             );
             qb.push_values(chunk, |mut b, a| {
                 let is_tag = a.kind == OutboxKind::Tag;
+                let status = if is_tag {
+                    "done"
+                } else if a.dropped.is_some() {
+                    "dropped"
+                } else {
+                    "pending"
+                };
                 b.push_bind(run_id)
                     .push_bind(a.customer_id.as_str().to_owned())
                     .push_bind(a.rule.clone())
                     .push_bind(a.kind.as_str())
                     .push_bind(a.dedup_key.clone())
                     .push_bind(a.payload.clone())
-                    .push_bind(if is_tag { "done" } else { "pending" })
+                    .push_bind(status)
+                    .push_bind(a.not_before.map_or(now_ms, to_millis).max(now_ms))
                     .push_bind(now_ms)
-                    .push_bind(now_ms)
-                    .push_bind(is_tag.then_some(now_ms));
+                    .push_bind((is_tag || a.dropped.is_some()).then_some(now_ms))
+                    .push_bind(a.dropped.clone());
             });
             qb.push(" ON CONFLICT (dedup_key) DO NOTHING RETURNING dedup_key");
             let inserted: HashSet<String> = qb
@@ -415,6 +424,9 @@ impl Store for SqliteStore {
                 let counts = per_rule.entry(a.rule.clone()).or_default();
                 if inserted.contains(&a.dedup_key) && counted.insert(a.dedup_key.as_str()) {
                     counts.planned += 1;
+                    if a.kind == OutboxKind::Email && a.dropped.is_none() {
+                        *new_emails.entry(a.rule.as_str()).or_default() += 1;
+                    }
                     if a.kind == OutboxKind::Tag {
                         tags.push(a);
                     }
@@ -434,6 +446,35 @@ impl Store for SqliteStore {
                 qb.build().execute(&mut *tx).await?;
             }
         }
+
+        // The blast-radius guard: a rule about to mail too many customers
+        // in this run has its emails held for approval.
+        let mut held = BTreeMap::new();
+        if let Some((guard, customers)) = &plan.guard {
+            for (rule, n) in &new_emails {
+                if guard.holds(*n, *customers) {
+                    sqlx::query(
+                        "UPDATE actions SET status = 'held', last_error = ?
+                         WHERE run_id = ? AND rule = ? AND kind = 'email' AND status = 'pending'",
+                    )
+                    .bind(format!(
+                        "held by the blast-radius guard: {n} of {customers} customers in one run"
+                    ))
+                    .bind(run_id)
+                    .bind(*rule)
+                    .execute(&mut *tx)
+                    .await?;
+                    held.insert((*rule).to_owned(), *n);
+                }
+            }
+        }
+        if !held.is_empty() {
+            sqlx::query("UPDATE runs SET status = 'held' WHERE id = ?")
+                .bind(run_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        drop(new_emails);
 
         for e in &plan.escalations {
             let id: Option<i64> = sqlx::query_scalar(
@@ -487,17 +528,25 @@ impl Store for SqliteStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(CommitOutcome { run_id, per_rule })
+        Ok(CommitOutcome {
+            run_id,
+            per_rule,
+            held,
+        })
     }
 
     async fn finish_run(&self, run_id: i64, status: &str, summary: &Value) -> StoreResult<()> {
-        sqlx::query("UPDATE runs SET status = ?, summary = ?, finished_at = ? WHERE id = ?")
-            .bind(status)
-            .bind(summary.to_string())
-            .bind(to_millis(Utc::now()))
-            .bind(run_id)
-            .execute(&self.pool)
-            .await?;
+        // A held run stays held until someone approves or rejects it.
+        sqlx::query(
+            "UPDATE runs SET status = CASE WHEN status = 'held' THEN status ELSE ? END,
+             summary = ?, finished_at = ? WHERE id = ?",
+        )
+        .bind(status)
+        .bind(summary.to_string())
+        .bind(to_millis(Utc::now()))
+        .bind(run_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -506,11 +555,24 @@ impl Store for SqliteStore {
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
+        let held_rows = sqlx::query(
+            "SELECT run_id, rule, COUNT(*) AS n FROM actions WHERE status = 'held' GROUP BY run_id, rule",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut held: std::collections::HashMap<i64, BTreeMap<String, u64>> = Default::default();
+        for r in held_rows {
+            held.entry(r.try_get("run_id")?)
+                .or_default()
+                .insert(r.try_get("rule")?, r.try_get::<i64, _>("n")? as u64);
+        }
         rows.iter()
             .map(|r| {
                 let summary: String = r.try_get("summary")?;
+                let id: i64 = r.try_get("id")?;
                 Ok(RunRecord {
-                    id: r.try_get("id")?,
+                    id,
+                    held: held.remove(&id).unwrap_or_default(),
                     trigger: r.try_get("trigger")?,
                     now: from_millis(r.try_get("now")?),
                     started_at: from_millis(r.try_get("started_at")?),
@@ -540,6 +602,75 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn decide_held(
+        &self,
+        run_id: i64,
+        rule: Option<&str>,
+        approve: bool,
+        at: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let at_ms = to_millis(at);
+        let mut tx = self.immediate().await?;
+        let n = if approve {
+            sqlx::query(
+                "UPDATE actions SET status = 'pending', next_attempt_at = MAX(next_attempt_at, ?1),
+                 last_error = 'approved after the blast-radius guard held it'
+                 WHERE run_id = ?2 AND status = 'held' AND (?3 IS NULL OR rule = ?3)",
+            )
+        } else {
+            sqlx::query(
+                "UPDATE actions SET status = 'rejected', finished_at = ?1,
+                 last_error = 'rejected after the blast-radius guard held it'
+                 WHERE run_id = ?2 AND status = 'held' AND (?3 IS NULL OR rule = ?3)",
+            )
+        }
+        .bind(at_ms)
+        .bind(run_id)
+        .bind(rule)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "UPDATE runs SET status = ?1 WHERE id = ?2 AND status = 'held'
+             AND NOT EXISTS (SELECT 1 FROM actions WHERE run_id = ?2 AND status = 'held')",
+        )
+        .bind(if approve { "approved" } else { "rejected" })
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn recent_email_counts(
+        &self,
+        customers: &[CustomerId],
+        since: DateTime<Utc>,
+    ) -> StoreResult<std::collections::HashMap<CustomerId, u32>> {
+        let mut counts = std::collections::HashMap::new();
+        let ids: Vec<&str> = customers.iter().map(CustomerId::as_str).collect();
+        for chunk in ids.chunks(5000) {
+            let rows = sqlx::query(
+                // Counted by the evaluation time of the run that planned
+                // them, so a replay with --now sees the cap as it was.
+                "SELECT a.customer_id, COUNT(*) AS n FROM actions a JOIN runs r ON r.id = a.run_id
+                 WHERE a.kind = 'email' AND a.status IN ('pending', 'sending', 'sent', 'held')
+                   AND r.now >= ? AND a.customer_id IN (SELECT value FROM json_each(?))
+                 GROUP BY a.customer_id",
+            )
+            .bind(to_millis(since))
+            .bind(serde_json::to_string(chunk).unwrap_or_else(|_| "[]".into()))
+            .fetch_all(&self.pool)
+            .await?;
+            for r in rows {
+                let id: String = r.try_get("customer_id")?;
+                let id = CustomerId::parse(&id).map_err(|e| corrupt("actions", e.to_string()))?;
+                counts.insert(id, r.try_get::<i64, _>("n")? as u32);
+            }
+        }
+        Ok(counts)
     }
 
     async fn claim_due(

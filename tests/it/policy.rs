@@ -121,3 +121,182 @@ async fn a_hard_bounce_suppresses_the_address() {
     assert_eq!(list[0]["email"], "gone@example.com");
     assert!(list[0]["reason"].as_str().unwrap().starts_with("bounced: "));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_blast_radius_guard_holds_a_rule_that_would_mail_everyone_until_approved() {
+    let app = TestApp::new().await;
+    // A bad edit: mail every customer.
+    app.write(
+        "rules/blast.rhai",
+        "send_email(\"winback\", #{ key: \"blast\", days_inactive: 0 });\n",
+    );
+    let mut csv = String::from("id,email,created_at\n");
+    for i in 0..150 {
+        csv.push_str(&format!(
+            "c{i:03},c{i:03}@example.com,2026-06-14T20:00:00Z\n"
+        ));
+    }
+    app.import_customers(&csv).await;
+    let r = app.engaged(&["run", "--now", NOW]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("HELD: rule blast would email 150 of 150 customers"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("HELD: rule welcome"), "{}", r.stdout);
+    assert_eq!(app.smtp.count(), 0, "nothing of a held rule is sent");
+
+    let runs = app.engaged(&["runs", "--json"]).await.json();
+    let run = &runs.as_array().unwrap()[0];
+    assert_eq!(run["status"], "held");
+    assert_eq!(run["held"]["blast"], 150);
+    assert_eq!(run["held"]["welcome"], 150);
+    let id = run["id"].as_i64().unwrap().to_string();
+
+    // Approve the welcome, reject the blast.
+    let r = app
+        .engaged(&["runs", "approve", &id, "--rule", "welcome"])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("Approved 150"), "{}", r.stdout);
+    let r = app
+        .engaged(&["runs", "reject", &id, "--rule", "blast"])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = app.engaged(&["runs", "reject", &id]).await;
+    assert_eq!(r.code, 1, "nothing left to reject");
+    let runs = app.engaged(&["runs", "--json"]).await.json();
+    assert_eq!(runs[0]["status"], "rejected");
+
+    // The next run delivers the approved welcomes; the blast never goes.
+    let s = app.run_at(NOW).await;
+    assert_eq!(s["delivery"]["sent"], 150);
+    assert!(
+        app.smtp
+            .messages()
+            .iter()
+            .all(|m| m.subject().starts_with("Welcome"))
+    );
+    let store = app.store().await;
+    let c0 = store
+        .actions_for_customer(&engaged::domain::CustomerId::parse("c000").unwrap())
+        .await
+        .unwrap();
+    let blast = c0.iter().find(|a| a.rule == "blast").unwrap();
+    assert_eq!(blast.status, "rejected");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_frequency_cap_lets_the_higher_priority_win_and_defers_or_drops_the_rest() {
+    let app = TestApp::new().await;
+    for f in std::fs::read_dir(app.path("rules")).unwrap() {
+        std::fs::remove_file(f.unwrap().path()).unwrap();
+    }
+    app.write(
+        "rules/vip.rhai",
+        "// @priority 10\nsend_email(\"winback\", #{ key: \"vip\", days_inactive: 1 });\n",
+    );
+    app.write(
+        "rules/news.rhai",
+        "send_email(\"winback\", #{ key: \"news\", days_inactive: 2 });\n",
+    );
+    app.write(
+        "rules/promo.rhai",
+        "// @priority -1\n// @when_capped drop\nsend_email(\"winback\", #{ key: \"promo\", days_inactive: 3 });\n",
+    );
+    app.write_config("[policy]\nfrequency_cap = { emails = 1, days = 3 }\n");
+    app.import_customers("id,email,created_at\nc1,ana@example.com,2026-01-01T00:00:00Z\n")
+        .await;
+    let s = app.run_at(NOW).await;
+    assert_eq!(s["rules"]["vip"]["planned"], 1);
+    assert_eq!(s["rules"]["news"]["capped"], 1);
+    assert_eq!(s["rules"]["promo"]["capped"], 1);
+    assert_eq!(app.smtp.count(), 1);
+    assert!(app.smtp.messages()[0].text_body().contains("1 days"));
+
+    // Two days later the cap still bites: news waits again.
+    let s = app.run_at("2026-06-17T02:00:00Z").await;
+    assert_eq!(s["rules"]["news"]["capped"], 1);
+    assert_eq!(app.smtp.count(), 1);
+    // After the window, news goes out; promo was dropped for good.
+    let s = app.run_at("2026-06-18T03:00:00Z").await;
+    assert_eq!(s["rules"]["news"]["planned"], 1);
+    assert_eq!(app.smtp.count(), 2);
+    let store = app.store().await;
+    let actions = store
+        .actions_for_customer(&engaged::domain::CustomerId::parse("c1").unwrap())
+        .await
+        .unwrap();
+    let promo = actions.iter().find(|a| a.rule == "promo").unwrap();
+    assert_eq!(promo.status, "dropped");
+    assert!(
+        promo
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("frequency cap")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn marketing_mail_waits_for_the_customers_send_window() {
+    use engaged::clock::ManualClock;
+    use engaged::daemon::Daemon;
+    use std::sync::Arc;
+
+    let app = TestApp::new().await;
+    app.write_config(
+        "[policy]\nsend_window = \"09:00-18:00\"\ndefault_timezone = \"America/New_York\"\n",
+    );
+    // 2027-06-15 02:00 UTC: 11:00 in Tokyo, 04:00 in Zagreb, 22:00 (the 14th) in New York.
+    let r = app
+        .import_customers(
+            "id,email,created_at,timezone\n\
+             tokyo,t@example.com,2027-06-14T20:00:00Z,Asia/Tokyo\n\
+             zagreb,z@example.com,2027-06-14T20:00:00Z,Europe/Zagreb\n\
+             nowhere,n@example.com,2027-06-14T20:00:00Z,Mars/Base\n",
+        )
+        .await;
+    assert!(
+        r.stderr
+            .contains("customers.csv:4: warning: unknown time zone"),
+        "{}",
+        r.stderr
+    );
+    let start = engaged::domain::parse_timestamp("2027-06-15T02:00:00Z").unwrap();
+    let clock = Arc::new(ManualClock::new(start));
+    let daemon = Daemon::new(app.config(), clock.clone()).await.unwrap();
+    let store = daemon.store();
+    store
+        .record_firing("manual", start, "pending", None, start)
+        .await
+        .unwrap();
+    let summary = daemon.run_next_firing().await.unwrap().unwrap();
+    assert_eq!(summary.rules["welcome"].waiting_for_window, 2);
+    let sent_by = |when: &str| {
+        let daemon = Arc::clone(&daemon);
+        let clock = Arc::clone(&clock);
+        let when = engaged::domain::parse_timestamp(when).unwrap();
+        async move {
+            clock.set(when);
+            daemon.deliver_step().await.unwrap().sent
+        }
+    };
+    assert_eq!(
+        sent_by("2027-06-15T02:00:00Z").await,
+        1,
+        "Tokyo is inside its window"
+    );
+    assert_eq!(app.smtp.messages()[0].rcpt_to[0], "t@example.com");
+    assert_eq!(sent_by("2027-06-15T06:59:00Z").await, 0);
+    assert_eq!(sent_by("2027-06-15T07:00:00Z").await, 1, "09:00 in Zagreb");
+    assert_eq!(app.smtp.messages()[1].rcpt_to[0], "z@example.com");
+    assert_eq!(sent_by("2027-06-15T12:59:00Z").await, 0);
+    assert_eq!(
+        sent_by("2027-06-15T13:00:00Z").await,
+        1,
+        "09:00 in New York (the default zone)"
+    );
+}
