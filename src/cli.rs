@@ -166,6 +166,8 @@ pub enum SuppressionCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum EscalationCommand {
+    /// Someone is on it: stops reminders.
+    Acknowledge { id: i64 },
     /// Mark an open escalation resolved.
     Resolve { id: i64 },
 }
@@ -333,6 +335,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Escalations { json, all, action } => {
             let app = App::open(cli.config.as_deref()).await?;
             match action {
+                Some(EscalationCommand::Acknowledge { id }) => {
+                    if app.store.acknowledge_escalation(id, Utc::now()).await? {
+                        println!("Escalation {id} acknowledged.");
+                        Ok(ExitCode::SUCCESS)
+                    } else {
+                        eprintln!(
+                            "error: there is no open, unacknowledged escalation with id {id}"
+                        );
+                        Ok(ExitCode::from(1))
+                    }
+                }
                 Some(EscalationCommand::Resolve { id }) => {
                     if app.store.resolve_escalation(id, Utc::now()).await? {
                         println!("Escalation {id} resolved.");
@@ -354,10 +367,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                             "id", "status", "opened", "customer", "owner"
                         );
                         for e in list {
+                            let status = if e.recovered_at.is_some() {
+                                format!("{}, recovered", e.status)
+                            } else {
+                                e.status.clone()
+                            };
                             println!(
                                 "{:>5}  {:<8}  {:<16}  {:<20}  {:<28}  {} (rule {})",
                                 e.id,
-                                e.status,
+                                status,
                                 e.created_at.format("%Y-%m-%d %H:%M"),
                                 e.customer_id,
                                 e.owner,
@@ -608,6 +626,7 @@ async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, trigger: &str) -> Res
         only_rules: None,
         policy: app.config.policy.clone(),
         guard: app.config.guard.clone(),
+        escalation: app.config.escalation.clone(),
     };
     let summary = pipeline::run(
         Arc::clone(&app.store),

@@ -173,14 +173,27 @@ impl Default for DeliveryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EscalationConfig {
-    /// Owner for customers that have none.
+    /// Owner for customers that have none (and overflow from capped owners).
     pub default_owner: String,
+    /// Re-notify an open escalation nobody acknowledged after this many days
+    /// (0 = never).
+    #[serde(deserialize_with = "number")]
+    pub renotify_days: u32,
+    /// Send re-notifications here instead of to the owner.
+    pub lead: Option<String>,
+    /// At most this many new escalations per owner per day; the rest go to
+    /// `default_owner` (0 = no cap).
+    #[serde(deserialize_with = "number")]
+    pub owner_daily_cap: u32,
 }
 
 impl Default for EscalationConfig {
     fn default() -> Self {
         Self {
             default_owner: "success@engaged.example".into(),
+            renotify_days: 0,
+            lead: None,
+            owner_daily_cap: 0,
         }
     }
 }
@@ -398,6 +411,9 @@ impl Config {
             .map_err(|e| format!("mail.from {:?} is not a valid mailbox: {e}", self.mail.from))?;
         crate::domain::Email::parse(&self.escalation.default_owner)
             .map_err(|e| format!("escalation.default_owner: {e}"))?;
+        if let Some(lead) = &self.escalation.lead {
+            crate::domain::Email::parse(lead).map_err(|e| format!("escalation.lead: {e}"))?;
+        }
         if self.mail.effective_transport() == Transport::Smtp && self.mail.smtp_url.is_none() {
             return Err("mail.transport is \"smtp\" but mail.smtp_url is not set".into());
         }

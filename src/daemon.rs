@@ -192,6 +192,7 @@ impl Daemon {
             only_rules: only,
             policy: self.config.policy.clone(),
             guard: self.config.guard.clone(),
+            escalation: self.config.escalation.clone(),
         };
         let summary = pipeline::run(
             Arc::clone(&self.store),

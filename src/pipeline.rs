@@ -176,6 +176,7 @@ pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) 
                 owner: owner.clone(),
                 customer,
                 facts: facts.summary(),
+                reminder: 0,
             })
             .unwrap_or(Value::Null);
             Outgoing::Escalation(NewEscalation {
@@ -346,6 +347,7 @@ pub struct RunOptions {
     pub only_rules: Option<Vec<String>>,
     pub policy: crate::policy::PolicyConfig,
     pub guard: crate::policy::GuardConfig,
+    pub escalation: crate::config::EscalationConfig,
 }
 
 /// Evaluates, plans and (unless dry) commits and delivers.
@@ -408,6 +410,31 @@ pub async fn run(
             summary.rules.entry(rule).or_default().waiting_for_window += 1;
         }
     }
+    if opts.escalation.owner_daily_cap > 0 {
+        let since = opts.now - chrono::Duration::days(1);
+        let counts = store.owner_escalation_counts(since).await?;
+        overflow_owners(
+            &mut eval.outgoing,
+            counts,
+            opts.escalation.owner_daily_cap,
+            default_owner,
+        );
+    }
+    // What this run says about open escalations: which (customer, rule)
+    // pairs escalated again, and which could not be evaluated.
+    let escalated: HashSet<(String, String)> = eval
+        .outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Escalation(e) => Some((e.customer_id.to_string(), e.rule.clone())),
+            Outgoing::Action(_) => None,
+        })
+        .collect();
+    let errored: HashSet<(String, String)> = eval
+        .errors
+        .iter()
+        .map(|e| (e.customer_id.to_string(), e.rule.clone()))
+        .collect();
     let mut commit = PlanCommit {
         trigger: opts.trigger.clone(),
         now: opts.now,
@@ -441,6 +468,16 @@ pub async fn run(
         s.planned = counts.planned;
         s.deduplicated = counts.deduplicated;
     }
+    escalation_lifecycle(
+        &*store,
+        &opts.escalation,
+        outcome.run_id,
+        opts.now,
+        summary.rules.keys().cloned().collect(),
+        &escalated,
+        &errored,
+    )
+    .await?;
     tracing::info!(
         run = outcome.run_id,
         customers = summary.customers,
@@ -462,6 +499,83 @@ pub async fn run(
         )
         .await?;
     Ok(summary)
+}
+
+/// Per-owner daily cap: escalations beyond it go to the default owner, and
+/// the reason says so.
+fn overflow_owners(
+    outgoing: &mut [Outgoing],
+    mut counts: HashMap<String, u32>,
+    cap: u32,
+    default_owner: &Email,
+) {
+    for o in outgoing.iter_mut() {
+        let Outgoing::Escalation(e) = o else { continue };
+        let used = counts.entry(e.owner.clone()).or_default();
+        if *used < cap || e.owner == default_owner.as_str() {
+            *used += 1;
+            continue;
+        }
+        let note = format!(
+            " (to {default_owner}: {} reached the daily cap of {cap} escalations)",
+            e.owner
+        );
+        e.reason.push_str(&note);
+        e.owner = default_owner.to_string();
+        if let Value::Object(m) = &mut e.notice {
+            m.insert("owner".into(), Value::String(default_owner.to_string()));
+            m.insert("reason".into(), Value::String(e.reason.clone()));
+        }
+    }
+}
+
+/// After a plan is committed: open escalations whose rule no longer fires
+/// for the customer are marked recovered (not closed: a human decides), or
+/// unmarked if it fires again; unacknowledged ones due a reminder get one
+/// (to `escalation.lead` when set).
+async fn escalation_lifecycle(
+    store: &dyn Store,
+    config: &crate::config::EscalationConfig,
+    run_id: i64,
+    now: DateTime<Utc>,
+    evaluated_rules: HashSet<String>,
+    escalated: &HashSet<(String, String)>,
+    errored: &HashSet<(String, String)>,
+) -> Result<(), StoreError> {
+    let open = store.escalations(true).await?;
+    let (mut recovered, mut relapsed) = (Vec::new(), Vec::new());
+    for e in &open {
+        if !evaluated_rules.contains(&e.rule) {
+            continue;
+        }
+        let pair = (e.customer_id.clone(), e.rule.clone());
+        if escalated.contains(&pair) {
+            if e.recovered_at.is_some() {
+                relapsed.push(e.id);
+            }
+        } else if !errored.contains(&pair) && e.recovered_at.is_none() {
+            recovered.push(e.id);
+        }
+    }
+    store.set_recovered(&recovered, true, now).await?;
+    store.set_recovered(&relapsed, false, now).await?;
+    if config.renotify_days > 0 {
+        let before = now - chrono::Duration::days(i64::from(config.renotify_days));
+        for e in store.escalations_to_renotify(before).await? {
+            let to = config.lead.as_deref().unwrap_or(&e.owner);
+            if store
+                .renotify(e.id, e.notifications, to, run_id, now)
+                .await?
+            {
+                tracing::info!(
+                    escalation = e.id,
+                    to,
+                    "Escalation not acknowledged; reminder sent."
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The frequency cap: per customer, new marketing emails beyond the room

@@ -102,6 +102,9 @@ pub struct EscalationPayload {
     pub customer: Customer,
     /// Key facts for the notice (signup age, recent activity…).
     pub facts: Map<String, Value>,
+    /// 0 for the first notice; n for the n-th reminder.
+    #[serde(default)]
+    pub reminder: u32,
 }
 
 /// Payload of a webhook call.

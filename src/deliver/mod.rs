@@ -423,6 +423,7 @@ impl Deliverer {
         ctx.insert("owner".into(), Value::String(p.owner.to_string()));
         ctx.insert("escalation_id".into(), Value::from(p.escalation_id));
         ctx.insert("facts".into(), Value::Object(p.facts.clone()));
+        ctx.insert("reminder".into(), Value::from(p.reminder));
         let rendered = self.render(ESCALATION_TEMPLATE, &Value::Object(ctx))?;
         let envelope = Envelope {
             from: &self.from,

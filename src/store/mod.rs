@@ -253,6 +253,12 @@ pub struct EscalationRecord {
     pub status: String,
     pub created_at: DateTime<Utc>,
     pub resolved_at: Option<DateTime<Utc>>,
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    /// When the owner (or lead) was last told, and how many times in all.
+    pub notified_at: Option<DateTime<Utc>>,
+    pub notifications: u32,
+    /// Set while open when the rule no longer fires for the customer.
+    pub recovered_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -384,6 +390,32 @@ pub trait Store: Send + Sync {
     /// Returns false when there is no open escalation with that id.
     async fn resolve_escalation(&self, id: i64, at: DateTime<Utc>) -> StoreResult<bool>;
 
+    /// Open, unacknowledged escalations last notified before `before`.
+    async fn escalations_to_renotify(
+        &self,
+        before: DateTime<Utc>,
+    ) -> StoreResult<Vec<EscalationRecord>>;
+    /// Enqueues reminder `n` of an escalation's notice (to `to`), once.
+    async fn renotify(
+        &self,
+        id: i64,
+        n: u32,
+        to: &str,
+        run_id: i64,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// Escalations opened for each owner by runs evaluated since `since`.
+    async fn owner_escalation_counts(
+        &self,
+        since: DateTime<Utc>,
+    ) -> StoreResult<std::collections::HashMap<String, u32>>;
+    /// Marks escalations recovered (`recovered = true`) or not any more.
+    async fn set_recovered(
+        &self,
+        ids: &[i64],
+        recovered: bool,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
     /// Returns false when there is no open escalation with that id.
     async fn acknowledge_escalation(&self, id: i64, at: DateTime<Utc>) -> StoreResult<bool>;
 

@@ -129,6 +129,16 @@ fn escalation_from_row(row: &SqliteRow) -> StoreResult<EscalationRecord> {
         resolved_at: row
             .try_get::<Option<i64>, _>("resolved_at")?
             .map(from_millis),
+        acknowledged_at: row
+            .try_get::<Option<i64>, _>("acknowledged_at")?
+            .map(from_millis),
+        notified_at: row
+            .try_get::<Option<i64>, _>("notified_at")?
+            .map(from_millis),
+        notifications: row.try_get::<i64, _>("notifications")? as u32,
+        recovered_at: row
+            .try_get::<Option<i64>, _>("recovered_at")?
+            .map(from_millis),
     })
 }
 
@@ -478,8 +488,13 @@ impl Store for SqliteStore {
 
         for e in &plan.escalations {
             let id: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO escalations (run_id, customer_id, rule, reason, owner, status, created_at)
-                 VALUES (?, ?, ?, ?, ?, 'open', ?)
+                // One open escalation per customer and rule (the unique
+                // index); and one a human resolved is not reopened for the
+                // same reason.
+                "INSERT INTO escalations (run_id, customer_id, rule, reason, owner, status, created_at, notified_at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, 'open', ?6, ?6
+                 WHERE NOT EXISTS (SELECT 1 FROM escalations WHERE customer_id = ?2 AND rule = ?3
+                                   AND reason = ?4 AND status = 'resolved')
                  ON CONFLICT DO NOTHING RETURNING id",
             )
             .bind(run_id)
@@ -487,7 +502,7 @@ impl Store for SqliteStore {
             .bind(&e.rule)
             .bind(&e.reason)
             .bind(&e.owner)
-            .bind(now_ms)
+            .bind(to_millis(plan.now)) // escalation times follow the evaluation clock (--now replays)
             .fetch_optional(&mut *tx)
             .await?;
             let counts = per_rule.entry(e.rule.clone()).or_default();
@@ -853,6 +868,98 @@ impl Store for SqliteStore {
         .await?
         .rows_affected();
         Ok(n == 1)
+    }
+
+    async fn escalations_to_renotify(
+        &self,
+        before: DateTime<Utc>,
+    ) -> StoreResult<Vec<EscalationRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM escalations WHERE status = 'open' AND notified_at < ? ORDER BY id",
+        )
+        .bind(to_millis(before))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(escalation_from_row).collect()
+    }
+
+    async fn renotify(
+        &self,
+        id: i64,
+        n: u32,
+        to: &str,
+        run_id: i64,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let at_ms = to_millis(at);
+        let mut tx = self.immediate().await?;
+        // A copy of the first notice, marked as reminder n, to `to`.
+        let inserted = sqlx::query(
+            "INSERT INTO actions (run_id, customer_id, rule, kind, dedup_key, payload, status,
+                                  next_attempt_at, created_at)
+             SELECT ?1, customer_id, rule, kind, ?2,
+                    json_set(payload, '$.reminder', ?3, '$.owner', ?4), 'pending', ?5, ?5
+             FROM actions WHERE dedup_key = ?6
+             ON CONFLICT (dedup_key) DO NOTHING",
+        )
+        .bind(run_id)
+        .bind(format!("escalation\u{1f}{id}\u{1f}reminder\u{1f}{n}"))
+        .bind(i64::from(n))
+        .bind(to)
+        .bind(at_ms)
+        .bind(format!("escalation\u{1f}{id}"))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            sqlx::query(
+                "UPDATE escalations SET notified_at = ?, notifications = notifications + 1 WHERE id = ?",
+            )
+            .bind(at_ms)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn owner_escalation_counts(
+        &self,
+        since: DateTime<Utc>,
+    ) -> StoreResult<std::collections::HashMap<String, u32>> {
+        let rows = sqlx::query(
+            "SELECT e.owner, COUNT(*) AS n FROM escalations e JOIN runs r ON r.id = e.run_id
+             WHERE r.now >= ? GROUP BY e.owner",
+        )
+        .bind(to_millis(since))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("owner")?, r.try_get::<i64, _>("n")? as u32)))
+            .collect()
+    }
+
+    async fn set_recovered(
+        &self,
+        ids: &[i64],
+        recovered: bool,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE escalations SET recovered_at = CASE WHEN ?1 THEN COALESCE(recovered_at, ?2) ELSE NULL END
+             WHERE id IN (SELECT value FROM json_each(?3))",
+        )
+        .bind(recovered)
+        .bind(to_millis(at))
+        .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn acknowledge_escalation(&self, id: i64, at: DateTime<Utc>) -> StoreResult<bool> {

@@ -300,3 +300,131 @@ async fn marketing_mail_waits_for_the_customers_send_window() {
         "09:00 in New York (the default zone)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escalations_overflow_capped_owners_remind_the_lead_and_record_recovery() {
+    use crate::helpers::track;
+    use serde_json::json;
+
+    let app = TestApp::new().await;
+    app.write_config(
+        "[escalation]\ndefault_owner = \"success@acme.test\"\nrenotify_days = 2\nlead = \"lead@acme.test\"\nowner_daily_cap = 1\n",
+    );
+    // The base config has its own [escalation] table (TOML forbids two).
+    let config = std::fs::read_to_string(app.path("engaged.toml")).unwrap();
+    let config = config.replace(
+        "[escalation]\ndefault_owner = \"success@acme.test\"\n\n",
+        "",
+    );
+    std::fs::write(app.path("engaged.toml"), config).unwrap();
+    app.import_customers(
+        "id,email,name,created_at,model,owner\n\
+         d1,d1@example.com,Dee One,2026-01-01T00:00:00Z,hybrid,csm@acme.test\n\
+         d2,d2@example.com,Dee Two,2026-01-01T00:00:00Z,hybrid,csm@acme.test\n\
+         stall,s@example.com,Stan,2026-06-05T00:00:00Z,low-touch,\n",
+    )
+    .await;
+    let mut events = vec![
+        track(
+            "d1",
+            "nps_submitted",
+            "2026-06-14T10:00:00Z",
+            json!({"score": 2}),
+        ),
+        track(
+            "d2",
+            "nps_submitted",
+            "2026-06-14T11:00:00Z",
+            json!({"score": 3}),
+        ),
+        track(
+            "stall",
+            "onboarding_step",
+            "2026-06-05T01:00:00Z",
+            json!({"step": 1}),
+        ),
+    ];
+    for c in ["d1", "d2"] {
+        events.push(track(c, "login", "2026-06-14T09:00:00Z", json!({})));
+        events.push(track(
+            c,
+            "onboarding_completed",
+            "2026-01-02T00:00:00Z",
+            json!({}),
+        ));
+    }
+    app.import_events(&(events.join("\n") + "\n")).await;
+    app.run_at(NOW).await;
+
+    let list = app.engaged(&["escalations", "--json"]).await.json();
+    let by = |c: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["customer_id"] == c)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by("d1")["owner"], "csm@acme.test");
+    assert_eq!(
+        by("d2")["owner"],
+        "success@acme.test",
+        "over the owner's daily cap"
+    );
+    assert!(
+        by("d2")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("csm@acme.test reached the daily cap of 1"),
+        "{}",
+        by("d2")
+    );
+    // d2's escalation is acknowledged; d1's is not.
+    let id = by("d2")["id"].as_i64().unwrap().to_string();
+    assert_eq!(
+        app.engaged(&["escalations", "acknowledge", &id]).await.code,
+        0
+    );
+
+    // Three days later: Stan logged in (recovered), d1 gets a reminder to the lead.
+    app.import_events(&(track("stall", "login", "2026-06-17T10:00:00Z", json!({})) + "\n"))
+        .await;
+    let before = app.smtp.count();
+    app.run_at("2026-06-18T02:00:00Z").await;
+    let new: Vec<(String, String)> = app.smtp.messages()[before..]
+        .iter()
+        .map(|m| (m.rcpt_to[0].clone(), m.text_body()))
+        .collect();
+    let reminders: Vec<_> = new
+        .iter()
+        .filter(|(to, _)| to == "lead@acme.test")
+        .collect();
+    assert_eq!(
+        reminders.len(),
+        2,
+        "d1 and Stan's were not acknowledged: {new:?}"
+    );
+    assert!(reminders.iter().any(|(_, body)| body.contains("Dee One")));
+    assert!(reminders[0].1.contains("Reminder"), "{}", reminders[0].1);
+    let list = app.engaged(&["escalations", "--json"]).await.json();
+    let stan = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["customer_id"] == "stall")
+        .unwrap();
+    assert_eq!(stan["status"], "open", "recovery does not close it");
+    assert!(stan["recovered_at"].is_string(), "{stan}");
+    let d1 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["customer_id"] == "d1")
+        .unwrap();
+    assert!(d1["recovered_at"].is_null(), "d1 is still a detractor");
+    assert_eq!(d1["notifications"], 2);
+    // No second reminder the same day.
+    let count = app.smtp.count();
+    app.run_at("2026-06-18T03:00:00Z").await;
+    assert_eq!(app.smtp.count(), count);
+}
