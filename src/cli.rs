@@ -804,6 +804,7 @@ async fn explain(
     let owner = app.default_owner()?;
     let history = app.store.actions_for_customer(&id).await?;
     let escalations = app.store.escalations_for_customer(&id).await?;
+    let decisions = app.store.decisions_for_customer(&id).await?;
     let mut outcomes = Vec::new();
     for (rule, result) in rules.rules().iter().zip(rules.evaluate_all(&facts)) {
         let outcome = match result {
@@ -852,9 +853,14 @@ async fn explain(
         "rules": outcomes,
         "history": history.iter().map(|h| serde_json::json!({
             "run": h.run_id, "rule": h.rule, "kind": h.kind, "status": h.status,
-            "attempts": h.attempts, "last_error": h.last_error,
-            "created_at": h.created_at, "finished_at": h.finished_at,
+            "attempts": h.attempts, "reason": h.last_error,
+            "subject": h.payload.get("template").or_else(|| h.payload.get("name")),
+            "key": h.payload.get("key"),
+            "server_reply": h.payload.get("delivery"),
+            "planned_at": h.created_at, "finished_at": h.finished_at,
+            "due_at": (h.status == "pending").then_some(h.next_attempt_at),
         })).collect::<Vec<_>>(),
+        "decisions": decisions,
         "escalations": escalations,
     });
     if json {
@@ -896,19 +902,39 @@ fn print_explain(r: &serde_json::Value) {
             }
         }
     }
-    println!("History:");
+    println!("History (every action ever planned, with its outcome):");
     for h in r["history"].as_array().into_iter().flatten() {
-        println!(
-            "  run {} {} {} → {} (attempts {}){}",
+        let what = [h["subject"].as_str(), h["key"].as_str()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" key ");
+        let mut line = format!(
+            "  run {} {} {} {what}: {}",
             h["run"],
             h["rule"].as_str().unwrap_or(""),
             h["kind"].as_str().unwrap_or(""),
-            h["status"].as_str().unwrap_or(""),
-            h["attempts"],
-            h["last_error"]
-                .as_str()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
+            h["status"].as_str().unwrap_or("")
+        );
+        if let Some(due) = h["due_at"].as_str() {
+            line.push_str(&format!(", due {due}"));
+        }
+        if let Some(reply) = h["server_reply"].as_str() {
+            line.push_str(&format!(" ({reply})"));
+        }
+        if let Some(reason) = h["reason"].as_str() {
+            line.push_str(&format!(" — {reason}"));
+        }
+        println!("{line}");
+    }
+    for d in r["decisions"].as_array().into_iter().flatten() {
+        println!(
+            "  run {} {} {}: {} — {}",
+            d["run_id"],
+            d["rule"].as_str().unwrap_or(""),
+            d["subject"].as_str().unwrap_or(""),
+            d["decision"].as_str().unwrap_or(""),
+            d["reason"].as_str().unwrap_or("")
         );
     }
     for e in r["escalations"].as_array().into_iter().flatten() {

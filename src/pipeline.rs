@@ -24,7 +24,8 @@ use crate::plan::{
     dedup_key,
 };
 use crate::store::{
-    HistoryEvent, NewAction, NewEscalation, PlanCommit, RuleErrorRecord, Store, StoreError,
+    Decision, HistoryEvent, NewAction, NewEscalation, PlanCommit, RuleErrorRecord, Store,
+    StoreError,
 };
 
 /// Customers evaluated per page.
@@ -395,14 +396,17 @@ pub async fn run(
         return Ok(summary);
     }
 
-    let suppressed = drop_suppressed(&*store, &mut eval.outgoing).await?;
-    for rule in suppressed {
-        summary.rules.entry(rule).or_default().suppressed += 1;
+    let mut decisions = drop_suppressed(&*store, &mut eval.outgoing).await?;
+    for d in &decisions {
+        summary.rules.entry(d.rule.clone()).or_default().suppressed += 1;
     }
     if let Some(cap) = opts.policy.frequency_cap {
-        for rule in apply_frequency_cap(&*store, &rules, cap, opts.now, &mut eval.outgoing).await? {
+        let (capped, deferred) =
+            apply_frequency_cap(&*store, &rules, cap, opts.now, &mut eval.outgoing).await?;
+        for rule in capped {
             summary.rules.entry(rule).or_default().capped += 1;
         }
+        decisions.extend(deferred);
     }
     if let Some(window) = opts.policy.window().ok().flatten() {
         let fallback = opts.policy.default_tz().unwrap_or(chrono_tz::UTC);
@@ -442,6 +446,7 @@ pub async fn run(
         errors: eval.errors,
         summary: serde_json::to_value(&summary).unwrap_or(Value::Null),
         guard: Some((opts.guard.clone(), summary.customers)),
+        decisions,
         ..Default::default()
     };
     for o in eval.outgoing {
@@ -588,7 +593,7 @@ async fn apply_frequency_cap(
     cap: crate::policy::FrequencyCap,
     now: DateTime<Utc>,
     outgoing: &mut Vec<Outgoing>,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<(Vec<String>, Vec<Decision>), StoreError> {
     use crate::policy::{CapDecision, RulePolicy, apply_cap};
     // Only emails that are new (not already in the ledger) compete for room.
     let keys: Vec<String> = outgoing
@@ -635,6 +640,7 @@ async fn apply_frequency_cap(
         }
     }
     let mut capped = Vec::new();
+    let mut deferred = Vec::new();
     let reason = format!(
         "frequency cap: at most {} emails in {} days",
         cap.emails, cap.days
@@ -644,6 +650,15 @@ async fn apply_frequency_cap(
         let keep = match decisions.get(&i) {
             Some(CapDecision::Defer) => {
                 capped.push(o.rule().to_owned());
+                if let Outgoing::Action(a) = o {
+                    deferred.push(Decision {
+                        customer_id: a.customer_id.clone(),
+                        rule: a.rule.clone(),
+                        subject: format!("email {}", a.subject),
+                        decision: "deferred".into(),
+                        reason: format!("{reason}; planned again when there is room"),
+                    });
+                }
                 false
             }
             Some(CapDecision::Drop) => {
@@ -658,7 +673,7 @@ async fn apply_frequency_cap(
         i += 1;
         keep
     });
-    Ok(capped)
+    Ok((capped, deferred))
 }
 
 /// Send windows: marketing emails planned while the customer's window is
@@ -694,7 +709,7 @@ fn apply_send_window(
 async fn drop_suppressed(
     store: &dyn Store,
     outgoing: &mut Vec<Outgoing>,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<Vec<Decision>, StoreError> {
     let email_of = |o: &Outgoing| match o {
         Outgoing::Action(a) if a.kind == OutboxKind::Email => a.customer_email.clone(),
         _ => None,
@@ -708,9 +723,15 @@ async fn drop_suppressed(
         return Ok(Vec::new());
     }
     let mut dropped = Vec::new();
-    outgoing.retain(|o| match email_of(o) {
-        Some(e) if suppressed.contains_key(&e.to_lowercase()) => {
-            dropped.push(o.rule().to_owned());
+    outgoing.retain(|o| match (o, email_of(o)) {
+        (Outgoing::Action(a), Some(e)) if suppressed.contains_key(&e.to_lowercase()) => {
+            dropped.push(Decision {
+                customer_id: a.customer_id.clone(),
+                rule: a.rule.clone(),
+                subject: kind_label(o).1,
+                decision: "suppressed".into(),
+                reason: format!("{e} is suppressed ({})", suppressed[&e.to_lowercase()]),
+            });
             false
         }
         _ => true,

@@ -89,6 +89,30 @@ pub struct NewEscalation {
     pub notice: Value,
 }
 
+/// A decision that leaves no outbox row (suppressed at planning, deferred
+/// by the frequency cap), kept for the audit trail.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Decision {
+    pub customer_id: CustomerId,
+    pub rule: String,
+    /// What was decided about: `email welcome (key welcome)`.
+    pub subject: String,
+    /// `suppressed` or `deferred`.
+    pub decision: String,
+    pub reason: String,
+}
+
+/// A decision as recorded.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DecisionRecord {
+    pub run_id: i64,
+    pub rule: String,
+    pub subject: String,
+    pub decision: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
 /// A rule error recorded in a run's report.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RuleErrorRecord {
@@ -110,6 +134,8 @@ pub struct PlanCommit {
     pub summary: Value,
     /// Blast-radius guard and the number of customers evaluated.
     pub guard: Option<(crate::policy::GuardConfig, u64)>,
+    /// Decisions to record in the audit trail.
+    pub decisions: Vec<Decision>,
 }
 
 /// Per-rule counts of what committing a plan did.
@@ -240,6 +266,8 @@ pub struct ActionRecord {
     pub last_error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// When a pending action is next due (send window, retry backoff).
+    pub next_attempt_at: DateTime<Utc>,
     pub payload: Value,
 }
 
@@ -382,6 +410,7 @@ pub trait Store: Send + Sync {
     async fn outbox_counts(&self) -> StoreResult<OutboxCounts>;
     async fn actions_for_customer(&self, id: &CustomerId) -> StoreResult<Vec<ActionRecord>>;
     async fn actions_for_run(&self, run_id: i64) -> StoreResult<Vec<ActionRecord>>;
+    async fn decisions_for_customer(&self, id: &CustomerId) -> StoreResult<Vec<DecisionRecord>>;
 
     // --- escalations ---
     async fn escalations(&self, only_open: bool) -> StoreResult<Vec<EscalationRecord>>;

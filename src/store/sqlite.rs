@@ -113,6 +113,7 @@ fn action_from_row(row: &SqliteRow) -> StoreResult<ActionRecord> {
         finished_at: row
             .try_get::<Option<i64>, _>("finished_at")?
             .map(from_millis),
+        next_attempt_at: from_millis(row.try_get("next_attempt_at")?),
         payload: json_of(&payload, "actions")?,
     })
 }
@@ -531,6 +532,22 @@ impl Store for SqliteStore {
             .await?;
         }
 
+        for d in &plan.decisions {
+            sqlx::query(
+                "INSERT INTO decisions (run_id, customer_id, rule, subject, decision, reason, at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(run_id)
+            .bind(d.customer_id.as_str())
+            .bind(&d.rule)
+            .bind(&d.subject)
+            .bind(&d.decision)
+            .bind(&d.reason)
+            .bind(to_millis(plan.now))
+            .execute(&mut *tx)
+            .await?;
+        }
+
         for err in &plan.errors {
             sqlx::query(
                 "INSERT INTO run_errors (run_id, rule, customer_id, message) VALUES (?, ?, ?, ?)",
@@ -833,6 +850,25 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(action_from_row).collect()
+    }
+
+    async fn decisions_for_customer(&self, id: &CustomerId) -> StoreResult<Vec<DecisionRecord>> {
+        let rows = sqlx::query("SELECT * FROM decisions WHERE customer_id = ? ORDER BY id")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DecisionRecord {
+                    run_id: r.try_get("run_id")?,
+                    rule: r.try_get("rule")?,
+                    subject: r.try_get("subject")?,
+                    decision: r.try_get("decision")?,
+                    reason: r.try_get("reason")?,
+                    at: from_millis(r.try_get("at")?),
+                })
+            })
+            .collect()
     }
 
     async fn escalations(&self, only_open: bool) -> StoreResult<Vec<EscalationRecord>> {

@@ -428,3 +428,86 @@ async fn escalations_overflow_capped_owners_remind_the_lead_and_record_recovery(
     app.run_at("2026-06-18T03:00:00Z").await;
     assert_eq!(app.smtp.count(), count);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_answers_why_a_customer_did_or_did_not_get_an_email() {
+    let app = TestApp::new().await;
+    app.write(
+        "rules/vip.rhai",
+        "// @priority 10\nif customer.id == \"c1\" {\n  send_email(\"winback\", #{ key: \"vip\", days_inactive: 1 });\n}\n",
+    );
+    app.write(
+        "rules/news.rhai",
+        "if customer.id == \"c1\" {\n  send_email(\"winback\", #{ key: \"news\", days_inactive: 2 });\n}\n",
+    );
+    app.write_config("[policy]\nfrequency_cap = { emails = 1, days = 3 }\n");
+    app.smtp
+        .reject_always("c3@example.com", 550, "5.1.1 no such user");
+    app.import_customers(
+        "id,email,created_at\nc1,c1@example.com,2026-01-01T00:00:00Z\nc2,c2@example.com,2026-06-14T20:00:00Z\nc3,c3@example.com,2026-06-14T20:00:00Z\n",
+    )
+    .await;
+    app.engaged(&[
+        "suppressions",
+        "add",
+        "c2@example.com",
+        "--reason",
+        "complained",
+    ])
+    .await;
+    app.engaged(&["run", "--now", NOW]).await;
+
+    let explain = |id: &'static str| {
+        let app = &app;
+        async move {
+            app.engaged(&["explain", id, "--now", NOW, "--json"])
+                .await
+                .json()
+        }
+    };
+    let c1 = explain("c1").await;
+    let vip = c1["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["rule"] == "vip")
+        .unwrap();
+    assert_eq!(vip["status"], "sent");
+    assert!(
+        vip["server_reply"].as_str().unwrap().starts_with("250"),
+        "{vip}"
+    );
+    let news = &c1["decisions"][0];
+    assert_eq!(news["rule"], "news");
+    assert_eq!(news["decision"], "deferred");
+    assert!(
+        news["reason"].as_str().unwrap().contains("frequency cap"),
+        "{news}"
+    );
+
+    let c2 = explain("c2").await;
+    assert_eq!(c2["decisions"][0]["decision"], "suppressed");
+    assert!(
+        c2["decisions"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("complained")
+    );
+
+    let c3 = explain("c3").await;
+    let welcome = c3["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["rule"] == "welcome")
+        .unwrap();
+    assert_eq!(welcome["status"], "failed");
+    assert!(
+        welcome["reason"].as_str().unwrap().contains("550"),
+        "{welcome}"
+    );
+
+    // The human-readable form says the same.
+    let text = app.engaged(&["explain", "c1", "--now", NOW]).await.stdout;
+    assert!(text.contains("deferred — frequency cap"), "{text}");
+}
