@@ -511,3 +511,110 @@ async fn explain_answers_why_a_customer_did_or_did_not_get_an_email() {
     let text = app.engaged(&["explain", "c1", "--now", NOW]).await.stdout;
     assert!(text.contains("deferred — frequency cap"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_appear_in_logs_or_output() {
+    use crate::helpers::{ADMIN_TOKEN, WRITE_KEY};
+    use std::time::Duration;
+
+    let app = TestApp::new().await;
+    app.smtp.require_auth("mailer", "the-right-one");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let smtp_password = "smtp-pass-8843";
+    let config = std::fs::read_to_string(app.path("engaged.toml"))
+        .unwrap()
+        .replace(
+            &format!("smtp_url = \"{}\"", app.smtp.url()),
+            &format!(
+                "smtp_url = \"smtp://mailer:{smtp_password}@127.0.0.1:{}\"",
+                app.smtp.port()
+            ),
+        )
+        .replace(
+            "[http]\n",
+            &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+        );
+    std::fs::write(app.path("engaged.toml"), config).unwrap();
+    app.import_customers("id,email,created_at\nc1,ana@example.com,2026-06-14T20:00:00Z\n")
+        .await;
+
+    // A run that fails to log in, with debug logs.
+    let run = app
+        .command(&["run", "--now", NOW])
+        .env("ENGAGED_LOG", "debug")
+        .env("ENGAGED_DELIVERY__RUN_RETRY_WINDOW_MS", "0")
+        .output()
+        .await
+        .unwrap();
+    let mut seen = String::from_utf8_lossy(&run.stdout).into_owned();
+    seen.push_str(&String::from_utf8_lossy(&run.stderr));
+    assert!(seen.contains("login as \"mailer\" failed"), "{seen}");
+
+    // The daemon, poked with wrong credentials, then stopped.
+    let mut child = app
+        .command(&["serve"])
+        .env("ENGAGED_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "serve did not start");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let r = client
+        .post(format!("{base}/v1/track"))
+        .basic_auth("wrong-key", None::<&str>)
+        .json(&serde_json::json!({"userId": "c1", "event": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let body = r.text().await.unwrap();
+    let r = client
+        .get(format!("{base}/admin/escalations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a missing admin token is refused");
+    let r = client
+        .post(format!("{base}/admin/runs"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Wait until the daemon has planned and tried to deliver (its logs are what we read).
+    let store = app.store().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while store.runs(5).await.unwrap().len() < 2 || store.outbox_counts().await.unwrap().sending > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon's run never happened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    seen.push_str(&String::from_utf8_lossy(&out.stdout));
+    seen.push_str(&String::from_utf8_lossy(&out.stderr));
+    seen.push_str(&body);
+    assert!(seen.contains("engaged is serving"), "{seen}");
+    for secret in [smtp_password, WRITE_KEY, ADMIN_TOKEN, "test-secret"] {
+        assert!(!seen.contains(secret), "{secret} leaked:\n{seen}");
+    }
+}
