@@ -81,6 +81,56 @@ pub(super) async fn resolve(
     }
 }
 
+#[derive(Deserialize)]
+pub(super) struct SuppressBody {
+    email: String,
+    #[serde(default = "complained")]
+    reason: String,
+}
+
+fn complained() -> String {
+    "complained".into()
+}
+
+pub(super) async fn suppressions(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    Ok(Json(json!(state.store.suppressions().await?)))
+}
+
+/// Suppresses an address (e.g. a complaint from a provider's feedback loop).
+pub(super) async fn suppress(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Json(body): Json<SuppressBody>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let email = crate::domain::Email::parse(&body.email)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let added = state
+        .store
+        .suppress(email.as_str(), &body.reason, state.clock.now())
+        .await?;
+    Ok(Json(
+        json!({ "email": email, "suppressed": true, "new": added }),
+    ))
+}
+
+pub(super) async fn unsuppress(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(email): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    if state.store.unsuppress(&email).await? {
+        Ok(Json(json!({ "email": email, "suppressed": false })))
+    } else {
+        Err(ApiError::NotFound)
+    }
+}
+
 /// Queues an evaluation run now (recorded in the schedule ledger as `manual`).
 pub(super) async fn trigger_run(
     State(state): State<Arc<ApiState>>,

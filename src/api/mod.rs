@@ -107,6 +107,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/admin/escalations/{id}/resolve", post(admin::resolve))
         .route("/admin/runs", post(admin::trigger_run))
+        .route(
+            "/admin/suppressions",
+            get(admin::suppressions).post(admin::suppress),
+        )
+        .route(
+            "/admin/suppressions/{email}",
+            axum::routing::delete(admin::unsuppress),
+        )
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::decompression::RequestDecompressionLayer::new())
         .with_state(state)

@@ -579,6 +579,45 @@ async fn metrics_parse_as_prometheus_text_and_health_endpoints_answer() {
         .await
         .unwrap();
     assert_eq!(denied.status(), 401);
+
+    // Suppressions over the admin API (a provider's complaint feedback loop).
+    let admin = format!("Bearer {ADMIN_TOKEN}");
+    let r = client()
+        .post(format!("{}/admin/suppressions", d.base))
+        .header("Authorization", &admin)
+        .json(&json!({"email": "Zed@Example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let list: Value = client()
+        .get(format!("{}/admin/suppressions", d.base))
+        .header("Authorization", &admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["email"], "zed@example.com");
+    assert_eq!(list[0]["reason"], "complained");
+    let bad = client()
+        .post(format!("{}/admin/suppressions", d.base))
+        .header("Authorization", &admin)
+        .json(&json!({"email": "not an address"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    for expected in [200, 404] {
+        let r = client()
+            .delete(format!("{}/admin/suppressions/zed@example.com", d.base))
+            .header("Authorization", &admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), expected);
+    }
     d.stop().await;
 }
 
