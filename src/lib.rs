@@ -7,6 +7,7 @@
 //! ingest (csv, jsonl) → store → facts → engine (Rhai rules) → plan/policy → outbox → deliver (smtp, file, webhook)
 //! ```
 //!
+//! - [`diagnostic`]: `FILE:LINE:COL: message` for problems in users' files.
 //! - [`domain`]: ids, email addresses, customers and events, parsed once at the edge.
 //! - [`config`]: typed, strict settings with working defaults and `ENGAGED_*` overrides.
 //! - [`ingest`]: CSV and Segment JSON-lines parsing (pure) and streaming import.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod daemon;
 pub mod deliver;
 pub mod demo_data;
+pub mod diagnostic;
 pub mod domain;
 pub mod engine;
 pub mod facts;

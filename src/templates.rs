@@ -26,28 +26,7 @@ const RENDER_FUEL: u64 = 500_000;
 const MAX_RENDERED_BYTES: usize = 1024 * 1024;
 
 /// A located template error: `FILE:LINE:COL: message`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TemplateError {
-    pub path: PathBuf,
-    pub line: usize,
-    pub col: usize,
-    pub message: String,
-}
-
-impl fmt::Display for TemplateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.path.display(),
-            self.line,
-            self.col,
-            self.message
-        )
-    }
-}
-
-impl std::error::Error for TemplateError {}
+pub type TemplateError = crate::diagnostic::Diagnostic;
 
 /// A rendered email.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -32,28 +32,7 @@ pub const MAX_ARRAY_SIZE: usize = 10_000;
 pub const MAX_MAP_SIZE: usize = 10_000;
 
 /// A located error in a rule: `FILE:LINE:COL: message`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RuleError {
-    pub path: PathBuf,
-    pub line: usize,
-    pub col: usize,
-    pub message: String,
-}
-
-impl fmt::Display for RuleError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.path.display(),
-            self.line,
-            self.col,
-            self.message
-        )
-    }
-}
-
-impl std::error::Error for RuleError {}
+pub type RuleError = crate::diagnostic::Diagnostic;
 
 /// One compiled rule.
 #[derive(Clone, Debug)]

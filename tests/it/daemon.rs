@@ -11,7 +11,7 @@ use engaged::clock::ManualClock;
 use engaged::daemon::Daemon;
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_TOKEN, DEFAULT_OWNER, NOW, TestApp, WRITE_KEY};
+use crate::helpers::{ADMIN_TOKEN, DEFAULT_OWNER, NOW, TestApp, WRITE_KEY, free_port, terminate};
 
 const NIGHTLY: &str = r#"
 [[schedules]]
@@ -649,15 +649,6 @@ async fn hot_reload_keeps_the_last_good_rules_when_an_edit_is_broken() {
     assert_eq!(summary.rules["vip"].emails, 1, "the new rule runs");
 }
 
-/// Picks a free local port for a subprocess daemon.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_delivery_exits_0_and_a_restart_delivers_the_rest_exactly_once() {
     let app = TestApp::new().await;
@@ -686,21 +677,7 @@ async fn sigterm_during_delivery_exits_0_and_a_restart_delivers_the_rest_exactly
     app.import_customers(&csv).await;
     app.smtp.set_delay(Duration::from_millis(100));
 
-    let serve = || async {
-        let child = app.command(&["serve"]).spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while client()
-            .get(format!("http://127.0.0.1:{port}/healthz"))
-            .send()
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "serve did not start");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        child
-    };
-    let mut child = serve().await;
+    let mut child = app.serve(port, &mut app.command(&["serve"])).await;
     let r = client()
         .post(format!("http://127.0.0.1:{port}/admin/runs"))
         .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
@@ -709,12 +686,7 @@ async fn sigterm_during_delivery_exits_0_and_a_restart_delivers_the_rest_exactly
         .unwrap();
     assert_eq!(r.status(), 202);
     app.smtp.wait_for(5, Duration::from_secs(20)).await;
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    terminate(&child);
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await
         .expect("serve exits within its grace period")
@@ -732,16 +704,14 @@ async fn sigterm_during_delivery_exits_0_and_a_restart_delivers_the_rest_exactly
     assert_eq!(counts.pending as usize, 40 - delivered_before);
 
     app.smtp.set_delay(Duration::ZERO);
-    let mut child = serve().await;
+    let mut child = app.serve(port, &mut app.command(&["serve"])).await;
     let got = app.smtp.wait_for(40, Duration::from_secs(20)).await;
     let mut to: Vec<String> = got.iter().map(|m| m.rcpt_to[0].clone()).collect();
     to.sort();
     to.dedup();
     assert_eq!(to.len(), 40, "every customer got the welcome");
     assert_eq!(got.len(), 40, "and exactly once");
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().unwrap().to_string()])
-        .status();
+    terminate(&child);
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await
         .unwrap()

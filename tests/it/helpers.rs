@@ -163,6 +163,28 @@ admin_token = "{admin_token}"
         r.json()
     }
 
+    /// Starts `engaged serve` (listening on `port`, as the config says) and
+    /// waits until `/healthz` answers.
+    pub async fn serve(
+        &self,
+        port: u16,
+        cmd: &mut tokio::process::Command,
+    ) -> tokio::process::Child {
+        let child = cmd.spawn().expect("engaged serve started");
+        let client = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(std::time::Instant::now() < deadline, "serve did not start");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        child
+    }
+
     /// The config as the daemon would load it.
     pub fn config(&self) -> engaged::config::Config {
         engaged::config::Config::load(&self.path("engaged.toml"), true).unwrap()
@@ -184,6 +206,25 @@ admin_token = "{admin_token}"
         self.engaged(&["import", "events", p.to_str().unwrap()])
             .await
     }
+}
+
+/// A free local port for a subprocess daemon.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends SIGTERM to a child process.
+pub fn terminate(child: &tokio::process::Child) {
+    let pid = child.id().expect("the child is running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
 }
 
 /// A Segment `track` line.

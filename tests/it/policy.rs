@@ -519,11 +519,7 @@ async fn secrets_never_appear_in_logs_or_output() {
 
     let app = TestApp::new().await;
     app.smtp.require_auth("mailer", "the-right-one");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let smtp_password = "smtp-pass-8843";
     let config = std::fs::read_to_string(app.path("engaged.toml"))
         .unwrap()
@@ -555,20 +551,13 @@ async fn secrets_never_appear_in_logs_or_output() {
     assert!(seen.contains("login as \"mailer\" failed"), "{seen}");
 
     // The daemon, poked with wrong credentials, then stopped.
-    let mut child = app
-        .command(&["serve"])
-        .env("ENGAGED_LOG", "debug")
+    let mut cmd = app.command(&["serve"]);
+    cmd.env("ENGAGED_LOG", "debug")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::piped());
+    let child = app.serve(port, &mut cmd).await;
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while client.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(std::time::Instant::now() < deadline, "serve did not start");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
     let r = client
         .post(format!("{base}/v1/track"))
         .basic_auth("wrong-key", None::<&str>)
@@ -602,10 +591,7 @@ async fn secrets_never_appear_in_logs_or_output() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().unwrap().to_string()])
-        .status()
-        .unwrap();
+    crate::helpers::terminate(&child);
     let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
         .await
         .unwrap()
