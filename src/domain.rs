@@ -75,6 +75,10 @@ impl Email {
         if local.is_empty() || local.len() > 64 || local.contains('@') {
             return Err(invalid());
         }
+        // Validate the domain as it will be stored: lower-casing can change
+        // characters (`İ` becomes `i` + a combining dot), and what we store
+        // must parse again.
+        let domain = domain.to_lowercase();
         let labels_ok = domain.split('.').all(|l| {
             !l.is_empty()
                 && !l.starts_with('-')
@@ -84,7 +88,7 @@ impl Email {
         if !domain.contains('.') || !labels_ok {
             return Err(invalid());
         }
-        Ok(Self(format!("{local}@{}", domain.to_lowercase())))
+        Ok(Self(format!("{local}@{domain}")))
     }
 
     pub fn as_str(&self) -> &str {
@@ -250,6 +254,7 @@ mod tests {
             "a b@c.com",
             "a@b.com,c@d.com",
             "<a@b.com>",
+            "a@\u{130}x.com",
         ] {
             assert!(Email::parse(bad).is_err(), "{bad:?} should be rejected");
         }
