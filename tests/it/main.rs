@@ -3,6 +3,7 @@
 
 mod daemon;
 mod helpers;
+mod hostile;
 mod import;
 mod pipeline;
 mod policy;
