@@ -47,6 +47,11 @@ pub enum Command {
     },
     /// Compile every rule and template; report errors as FILE:LINE:COL: message.
     Check,
+    /// Run rule fixtures (default: every *.toml in <rules dir>/tests).
+    Test {
+        /// Fixture files or directories.
+        paths: Vec<PathBuf>,
+    },
     /// One evaluation pass, then delivery of what it planned.
     Run {
         /// Evaluation time (RFC 3339); default now.
@@ -300,6 +305,7 @@ impl App {
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Check => check(cli.config.as_deref()),
+        Command::Test { paths } => test_fixtures(cli.config.as_deref(), paths),
         Command::Import { what } => {
             let app = App::open(cli.config.as_deref()).await?;
             let report = match what {
@@ -674,6 +680,64 @@ fn check(config_path: Option<&Path>) -> Result<ExitCode> {
         println!("{} error(s)", errors.len());
         Ok(ExitCode::from(1))
     }
+}
+
+fn test_fixtures(config_path: Option<&Path>, paths: Vec<PathBuf>) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let (library, errors) = Library::load_lenient(&config);
+    if !errors.is_empty() {
+        for e in &errors {
+            println!("{e}");
+        }
+        bail!("{} rule or template error(s); fix them first", errors.len());
+    }
+    let paths = if paths.is_empty() {
+        vec![config.rules.dir.join("tests")]
+    } else {
+        paths
+    };
+    let files = crate::fixtures::collect(&paths);
+    if files.is_empty() {
+        bail!(
+            "no fixture files (*.toml) in {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut results = Vec::new();
+    for file in &files {
+        for r in crate::fixtures::run_file(file, &library.rules) {
+            let label = format!(
+                "{}::{}",
+                file.file_stem().unwrap_or_default().to_string_lossy(),
+                r.name
+            );
+            match &r.failure {
+                None => println!("test {label} ... ok"),
+                Some(f) => println!("test {label} ... FAILED\n{f}"),
+            }
+            results.push(r);
+        }
+    }
+    let totals = crate::fixtures::summarize(&results);
+    println!(
+        "\ntest result: {}. {} passed, {} failed",
+        if totals["failed"] == 0 {
+            "ok"
+        } else {
+            "FAILED"
+        },
+        totals["passed"],
+        totals["failed"]
+    );
+    Ok(if totals["failed"] == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn print_import(r: &ImportReport) {

@@ -13,6 +13,7 @@
 //! - [`ingest`]: CSV and Segment JSON-lines parsing (pure) and streaming import.
 //! - [`store`]: the `Store` trait and its SQLite implementation.
 //! - [`facts`]: a customer's events as of `now`, and the questions rules ask of them.
+//! - [`fixtures`]: `engaged test`: rule fixtures run against the real engine.
 //! - [`engine`]: the locked-down Rhai engine; evaluates rules into planned actions, no I/O.
 //! - [`plan`]: planned actions, outbox payloads and dedup keys (pure).
 //! - [`policy`]: blast-radius guard, send windows, frequency cap (pure decisions).
@@ -37,6 +38,7 @@ pub mod diagnostic;
 pub mod domain;
 pub mod engine;
 pub mod facts;
+pub mod fixtures;
 pub mod ingest;
 pub mod library;
 pub mod metrics;
