@@ -48,12 +48,24 @@ impl Run {
     }
 }
 
+/// Copies the files of `from` and of its direct subdirectories (such as
+/// `rules/tests/`); deeper levels are not copied.
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        let kind = entry.file_type().unwrap();
+        let target = to.join(entry.file_name());
+        if kind.is_file() {
+            std::fs::copy(entry.path(), target).unwrap();
+        } else if kind.is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            for sub in std::fs::read_dir(entry.path()).unwrap() {
+                let sub = sub.unwrap();
+                if sub.file_type().unwrap().is_file() {
+                    std::fs::copy(sub.path(), target.join(sub.file_name())).unwrap();
+                }
+            }
         }
     }
 }

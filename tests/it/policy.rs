@@ -192,7 +192,10 @@ async fn the_blast_radius_guard_holds_a_rule_that_would_mail_everyone_until_appr
 async fn the_frequency_cap_lets_the_higher_priority_win_and_defers_or_drops_the_rest() {
     let app = TestApp::new().await;
     for f in std::fs::read_dir(app.path("rules")).unwrap() {
-        std::fs::remove_file(f.unwrap().path()).unwrap();
+        let path = f.unwrap().path();
+        if path.is_file() {
+            std::fs::remove_file(path).unwrap();
+        }
     }
     app.write(
         "rules/vip.rhai",
