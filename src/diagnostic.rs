@@ -28,3 +28,52 @@ impl fmt::Display for Diagnostic {
 }
 
 impl std::error::Error for Diagnostic {}
+
+impl Diagnostic {
+    /// The one-line form, then the offending source line (read from the
+    /// file) with a caret under the column, as compilers print it.
+    pub fn pretty(&self) -> String {
+        let mut out = self.to_string();
+        if self.line == 0 {
+            return out;
+        }
+        let Ok(text) = std::fs::read_to_string(&self.path) else {
+            return out;
+        };
+        let Some(source) = text.lines().nth(self.line - 1) else {
+            return out;
+        };
+        let number = self.line.to_string();
+        let gutter = " ".repeat(number.len());
+        let before: String = source
+            .chars()
+            .take(self.col.saturating_sub(1))
+            .map(|c| if c == '\t' { '\t' } else { ' ' })
+            .collect();
+        out.push_str(&format!("\n {number} | {source}\n {gutter} | {before}^"));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pretty_shows_the_line_and_a_caret_under_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.rhai");
+        std::fs::write(&path, "let a = 1;\nlet n = cout(\"login\");\n").unwrap();
+        let d = Diagnostic {
+            path: path.clone(),
+            line: 2,
+            col: 9,
+            message: "unknown function `cout`; did you mean `count`?".into(),
+        };
+        let shown = d.pretty();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert!(lines[0].ends_with(":2:9: unknown function `cout`; did you mean `count`?"));
+        assert_eq!(lines[1], " 2 | let n = cout(\"login\");");
+        assert_eq!(lines[2], "   |         ^");
+    }
+}

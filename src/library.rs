@@ -37,8 +37,9 @@ impl Library {
             webhooks: Some(Arc::new(config.webhooks.keys().cloned().collect())),
         };
         let (rules, rule_errors) = RuleSet::load(&config.rules.dir, known);
-        let mut errors: Vec<String> = template_errors.iter().map(ToString::to_string).collect();
-        errors.extend(rule_errors.iter().map(ToString::to_string));
+        // Each error with its source line and a caret (`Diagnostic::pretty`).
+        let mut errors: Vec<String> = template_errors.iter().map(|e| e.pretty()).collect();
+        errors.extend(rule_errors.iter().map(|e| e.pretty()));
         if !templates.contains(crate::deliver::ESCALATION_TEMPLATE) {
             errors.push(format!(
                 "{}:1:1: missing the escalation notice template, which escalate() needs",

@@ -376,6 +376,71 @@ impl RuleSet {
     }
 }
 
+/// Names rules may call that are handled by Rhai itself, not registered.
+const KEYWORD_FUNCTIONS: &[&str] = &[
+    "print",
+    "debug",
+    "type_of",
+    "Fn",
+    "call",
+    "curry",
+    "is_def_var",
+    "is_def_fn",
+    "is_shared",
+];
+
+/// Every function name a rule can call (the rule API, Rhai's standard library).
+fn known_functions(engine: &Engine) -> HashSet<String> {
+    let mut names: HashSet<String> = engine
+        .gen_fn_signatures(true)
+        .iter()
+        .filter_map(|sig| sig.split('(').next())
+        .map(|n| n.rsplit("::").next().unwrap_or(n).trim().to_owned())
+        .collect();
+    names.extend(KEYWORD_FUNCTIONS.iter().map(|s| (*s).to_owned()));
+    names
+}
+
+/// The closest known name, when it is close enough to be a typo.
+fn nearest<'a>(name: &str, known: impl Iterator<Item = &'a String>) -> Option<&'a String> {
+    known
+        .filter(|k| !k.contains('$') && k.chars().next().is_some_and(char::is_alphabetic))
+        .map(|k| (strsim::levenshtein(name, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4) && *d < k.len())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Calls to functions that exist nowhere (Rhai only notices at run time,
+/// and only on the branch that runs): walked from the compiled script.
+fn unknown_calls(engine: &Engine, path: &Path, ast: &AST) -> Vec<RuleError> {
+    let mut known = known_functions(engine);
+    known.extend(ast.iter_functions().map(|f| f.name.to_string()));
+    let mut errors = Vec::new();
+    ast.walk(&mut |nodes: &[rhai::ASTNode]| {
+        if let Some(rhai::ASTNode::Expr(rhai::Expr::FnCall(call, pos))) = nodes.last() {
+            let name = call.name.as_str();
+            let is_identifier = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_alphanumeric() || c == '_');
+            if is_identifier && call.namespace.is_empty() && !known.contains(name) {
+                let hint = nearest(name, known.iter())
+                    .map(|n| format!("; did you mean `{n}`?"))
+                    .unwrap_or_default();
+                errors.push(located(
+                    path,
+                    *pos,
+                    format!("unknown function `{name}`{hint}"),
+                ));
+            }
+        }
+        true
+    });
+    errors
+}
+
 fn compile(engine: &Engine, path: &Path, source: &str) -> Result<Rule, RuleError> {
     let id = path
         .file_stem()
@@ -384,6 +449,9 @@ fn compile(engine: &Engine, path: &Path, source: &str) -> Result<Rule, RuleError
     let ast = engine
         .compile_with_scope(&base_scope(), source)
         .map_err(|e| located(path, e.1, e.0.to_string()))?;
+    if let Some(first) = unknown_calls(engine, path, &ast).into_iter().next() {
+        return Err(first);
+    }
     Ok(Rule {
         id,
         path: path.to_owned(),
@@ -421,6 +489,11 @@ fn runtime_error(path: &Path, err: &EvalAltResult) -> RuleError {
             format!("calls nested deeper than {MAX_CALL_LEVELS} levels (endless recursion?)")
         }
         EvalAltResult::ErrorRuntime(value, _) => value.to_string(),
+        EvalAltResult::ErrorFunctionNotFound(signature, _) => {
+            format!(
+                "no function {signature} (a function of that name exists, but not for these argument types or this number of arguments)"
+            )
+        }
         other => strip_position(&other.to_string()),
     };
     located(path, pos, message)

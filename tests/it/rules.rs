@@ -288,3 +288,32 @@ async fn webhooks_post_json_and_are_retried_until_2xx() {
         "the same webhook is not sent twice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_finds_calls_to_functions_that_do_not_exist_and_suggests_the_api_name() {
+    let app = TestApp::new().await;
+    // The typo sits in a branch that rarely runs: Rhai alone would only
+    // notice on the night a customer reaches it.
+    app.write(
+        "rules/typo.rhai",
+        "// rare branch\nif customer.model == \"none\" {\n    let n = cout(\"login\", 7);\n}\n",
+    );
+    let r = app.engaged(&["check"]).await;
+    assert_eq!(r.code, 1);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| {
+            l.contains("rules/typo.rhai:3:13: unknown function `cout`; did you mean `count`?")
+        })
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    assert_eq!(lines[at + 1], " 3 |     let n = cout(\"login\", 7);");
+    assert_eq!(lines[at + 2], "   |             ^");
+    // Functions the rule defines itself, and Rhai's own, are known.
+    app.write(
+        "rules/typo.rhai",
+        "fn twice(x) { x * 2 }\nlet n = twice(count(\"login\"));\nlet s = `${n}`.to_upper();\nprint(type_of(s));\n",
+    );
+    let r = app.engaged(&["check"]).await;
+    assert_eq!(r.code, 0, "{}", r.stdout);
+}
