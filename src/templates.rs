@@ -274,9 +274,13 @@ impl Templates {
                 .env
                 .get_template(&key)
                 .map_err(|e| minijinja_error(&e, src, None, subject))?;
-            let out = t
-                .render(ctx.clone())
-                .map_err(|e| minijinja_error(&e, src, Some(t.source()), subject))?;
+            let out = t.render(ctx.clone()).map_err(|e| {
+                let mut err = minijinja_error(&e, src, Some(t.source()), subject);
+                if e.kind() == minijinja::ErrorKind::UndefinedError {
+                    err.message.push_str(&available_names(context));
+                }
+                err
+            })?;
             if out.len() > MAX_RENDERED_BYTES {
                 return Err(err(
                     &src.path,
@@ -300,6 +304,25 @@ impl Templates {
             html,
         })
     }
+}
+
+/// "; available: customer (id, email, …), unsubscribe_url, …" for an
+/// undefined-variable error.
+fn available_names(context: &Value) -> String {
+    let Value::Object(top) = context else {
+        return String::new();
+    };
+    let names: Vec<String> = top
+        .iter()
+        .map(|(k, v)| match v {
+            Value::Object(inner) if !inner.is_empty() => {
+                let keys: Vec<&str> = inner.keys().map(String::as_str).collect();
+                format!("{k} ({})", keys.join(", "))
+            }
+            _ => k.clone(),
+        })
+        .collect();
+    format!("; available: {}", names.join(", "))
 }
 
 fn load_one(
@@ -386,6 +409,7 @@ mod tests {
         assert_eq!(e.line, 5, "{e}");
         assert!(e.to_string().contains("a.txt:5:"), "{e}");
         assert!(e.message.contains("undefined"), "{e}");
+        assert!(e.message.contains("available: "), "{e}");
     }
 
     #[test]

@@ -460,6 +460,10 @@ async fn a_broken_template_fails_only_its_action() {
     let error = email.last_error.as_deref().unwrap();
     assert!(error.contains("welcome.txt:4:"), "{error}");
     assert!(error.contains("undefined"), "{error}");
+    assert!(
+        error.contains("available: customer (") && error.contains("first_name"),
+        "an undefined variable lists what is available: {error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
