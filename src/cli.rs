@@ -64,6 +64,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What a run would do now (no side effects), and with --against, how
+    /// another version of the rules would change it.
+    Plan {
+        #[arg(long, value_parser = parse_now)]
+        now: Option<DateTime<Utc>>,
+        /// Another rules directory (e.g. a git worktree of main) to compare with.
+        #[arg(long)]
+        against: Option<PathBuf>,
+        /// List the customers whose actions change.
+        #[arg(long)]
+        customers: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// The daemon: schedules, delivery and the HTTP API.
     Serve,
     /// List escalations, or resolve one.
@@ -338,6 +352,22 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Serve => serve(cli.config.as_deref()).await,
+        Command::Plan {
+            now,
+            against,
+            customers,
+            json,
+        } => {
+            let app = App::open(cli.config.as_deref()).await?;
+            plan(
+                &app,
+                now.unwrap_or_else(Utc::now),
+                against.as_deref(),
+                customers,
+                json,
+            )
+            .await
+        }
         Command::Escalations { json, all, action } => {
             let app = App::open(cli.config.as_deref()).await?;
             match action {
@@ -459,6 +489,111 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A dry run's action list with the given rules.
+async fn would_do(
+    app: &App,
+    rules: Arc<RuleSet>,
+    now: DateTime<Utc>,
+) -> Result<Vec<crate::pipeline::WouldDo>> {
+    let opts = RunOptions {
+        now,
+        dry_run: true,
+        trigger: "plan".into(),
+        retry_window: Duration::ZERO,
+        only_rules: None,
+        policy: app.config.policy.clone(),
+        guard: app.config.guard.clone(),
+        escalation: app.config.escalation.clone(),
+    };
+    let summary = pipeline::run(
+        Arc::clone(&app.store),
+        rules,
+        None,
+        &app.default_owner()?,
+        &opts,
+        None,
+    )
+    .await?;
+    Ok(summary.would)
+}
+
+async fn plan(
+    app: &App,
+    now: DateTime<Utc>,
+    against: Option<&Path>,
+    list_customers: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let (rules, _) = app.load_rules_and_templates(true)?;
+    let current = would_do(app, rules, now).await?;
+    let plans = crate::compare::per_rule(&current);
+    let diff = match against {
+        None => None,
+        Some(dir) => {
+            let mut other = app.config.clone();
+            other.rules.dir = dir.to_owned();
+            let (library, errors) = Library::load_lenient(&other);
+            if !errors.is_empty() {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                bail!("the rules in {} have errors", dir.display());
+            }
+            let theirs = would_do(app, library.rules, now).await?;
+            Some(crate::compare::diff(&current, &theirs))
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "now": now, "rules": plans, "against": diff,
+            }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "A run at {} would newly do (nothing is written or sent):",
+        now.to_rfc3339()
+    );
+    println!(
+        "{:<24} {:>7} {:>11} {:>5} {:>8}  for example",
+        "rule", "emails", "escalations", "tags", "webhooks"
+    );
+    for (rule, p) in &plans {
+        println!(
+            "{:<24} {:>7} {:>11} {:>5} {:>8}  {}",
+            rule,
+            p.counts.emails,
+            p.counts.escalations,
+            p.counts.tags,
+            p.counts.webhooks,
+            p.sample.join(", ")
+        );
+    }
+    if let (Some(d), Some(dir)) = (&diff, against) {
+        println!(
+            "\nWith the rules in {}: {}",
+            dir.display(),
+            crate::compare::headline(d)
+        );
+        if list_customers {
+            for (customer, change) in &d.customers {
+                println!("  {customer}");
+                for a in &change.added {
+                    println!("    + {a}");
+                }
+                for r in &change.removed {
+                    println!("    - {r}");
+                }
+            }
+        } else if !d.customers.is_empty() {
+            println!("(--customers lists them)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn runs(

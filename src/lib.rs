@@ -25,11 +25,13 @@
 //! - [`daemon`]: `engaged serve`: scheduler, run worker, delivery workers, HTTP, reload, shutdown.
 //! - [`api`]: the HTTP API (Segment ingestion, unsubscribe, health, metrics, admin).
 //! - [`metrics`]: Prometheus metrics. [`clock`]: time as a parameter.
+//! - [`compare`]: `engaged plan`: per-rule plans and the diff against other rules.
 //! - [`cli`]: command-line parsing and output; no business logic.
 
 pub mod api;
 pub mod cli;
 pub mod clock;
+pub mod compare;
 pub mod config;
 pub mod daemon;
 pub mod deliver;

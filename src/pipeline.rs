@@ -77,6 +77,8 @@ pub struct RunSummary {
 pub struct WouldDo {
     pub customer_id: String,
     pub rule: String,
+    /// `email`, `escalation`, `tag` or `webhook`.
+    pub kind: String,
     pub action: String,
     pub deduplicated: bool,
 }
@@ -782,10 +784,12 @@ async fn mark_dry_run_duplicates(
         } else {
             s.planned += 1;
         }
+        let (kind, action) = kind_label(o);
         summary.would.push(WouldDo {
             customer_id: customer.to_string(),
             rule: o.rule().to_owned(),
-            action: kind_label(o).1,
+            kind: kind.to_owned(),
+            action,
             deduplicated: dup,
         });
     }

@@ -658,3 +658,58 @@ async fn smtp_credentials_from_the_url_are_used_and_wrong_ones_fail_clearly() {
             .all(|m| m.authenticated_as.as_deref() == Some("mailer"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_shows_what_a_run_would_do_and_the_difference_other_rules_make() {
+    let app = app_with_data().await;
+    // Another version of the rules: no welcome, and win-back only after 60 days.
+    let other = app.path("other-rules");
+    std::fs::create_dir_all(&other).unwrap();
+    for entry in std::fs::read_dir(app.path("rules")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() && path.file_name().unwrap() != "welcome.rhai" {
+            let text = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("idle < 30", "idle < 60");
+            std::fs::write(other.join(path.file_name().unwrap()), text).unwrap();
+        }
+    }
+    let r = app
+        .engaged(&[
+            "plan",
+            "--now",
+            NOW,
+            "--against",
+            other.to_str().unwrap(),
+            "--customers",
+        ])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("−2 emails, 2 customers changed"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("  new1\n    - email welcome"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("    - email winback"), "{}", r.stdout);
+    let welcome = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("welcome "))
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    assert!(welcome.contains("new1"), "{welcome}");
+
+    let j = app.engaged(&["plan", "--now", NOW, "--json"]).await.json();
+    assert_eq!(j["rules"]["welcome"]["counts"]["emails"], 1);
+    assert_eq!(j["rules"]["nps"]["counts"]["escalations"], 1);
+
+    // No side effects: no run recorded, nothing in the outbox, no mail.
+    let store = app.store().await;
+    assert!(store.runs(10).await.unwrap().is_empty());
+    assert_eq!(store.outbox_counts().await.unwrap(), Default::default());
+    assert_eq!(app.smtp.count(), 0);
+}
