@@ -376,6 +376,19 @@ impl RuleSet {
     }
 }
 
+/// The keys of the `customer` map (see `value::customer_to_dynamic`).
+pub const CUSTOMER_KEYS: &[&str] = &[
+    "id",
+    "email",
+    "name",
+    "created_at",
+    "timezone",
+    "model",
+    "owner",
+    "traits",
+    "tags",
+];
+
 /// Names rules may call that are handled by Rhai itself, not registered.
 const KEYWORD_FUNCTIONS: &[&str] = &[
     "print",
@@ -418,6 +431,35 @@ fn unknown_calls(engine: &Engine, path: &Path, ast: &AST) -> Vec<RuleError> {
     known.extend(ast.iter_functions().map(|f| f.name.to_string()));
     let mut errors = Vec::new();
     ast.walk(&mut |nodes: &[rhai::ASTNode]| {
+        if let Some(rhai::ASTNode::Expr(rhai::Expr::Dot(dot, _, _))) = nodes.last()
+            && let rhai::Expr::Variable(var, ..) = &dot.lhs
+            && var.1.as_str() == "customer"
+        {
+            let first = match &dot.rhs {
+                rhai::Expr::Property(p, pos) => Some((p.2.as_str(), *pos)),
+                rhai::Expr::Dot(inner, ..) | rhai::Expr::Index(inner, ..) => match &inner.lhs {
+                    rhai::Expr::Property(p, pos) => Some((p.2.as_str(), *pos)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some((name, pos)) = first
+                && !CUSTOMER_KEYS.contains(&name)
+            {
+                let keys: Vec<String> = CUSTOMER_KEYS.iter().map(|k| (*k).to_owned()).collect();
+                let hint = nearest(name, keys.iter())
+                    .map(|n| format!(" did you mean `{n}`?"))
+                    .unwrap_or_default();
+                errors.push(located(
+                    path,
+                    pos,
+                    format!(
+                        "customer has no property `{name}`;{hint} customer has: {} (other data is in customer.traits)",
+                        CUSTOMER_KEYS.join(", ")
+                    ),
+                ));
+            }
+        }
         if let Some(rhai::ASTNode::Expr(rhai::Expr::FnCall(call, pos))) = nodes.last() {
             let name = call.name.as_str();
             let is_identifier = name

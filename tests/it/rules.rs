@@ -317,3 +317,48 @@ async fn check_finds_calls_to_functions_that_do_not_exist_and_suggests_the_api_n
     let r = app.engaged(&["check"]).await;
     assert_eq!(r.code, 0, "{}", r.stdout);
 }
+
+#[test]
+fn check_knows_exactly_the_keys_the_customer_map_has() {
+    let f = facts(&[]);
+    let actions = eval("webhook(\"keys\", #{ keys: customer.keys() });", &f).unwrap();
+    let ActionRequest::Webhook { payload, .. } = &actions[0] else {
+        panic!("{actions:?}")
+    };
+    let mut seen: Vec<String> = payload["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    seen.sort();
+    let mut known: Vec<String> = engaged::engine::CUSTOMER_KEYS
+        .iter()
+        .map(|k| (*k).to_owned())
+        .collect();
+    known.sort();
+    assert_eq!(seen, known);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_names_the_customer_property_that_does_not_exist() {
+    let app = TestApp::new().await;
+    app.write(
+        "rules/typo.rhai",
+        "if customer.emial == () {\n  tag(\"x\");\n}\nlet plan = customer.traits.plan;\n",
+    );
+    let r = app.engaged(&["check"]).await;
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stdout.contains(
+            "rules/typo.rhai:1:13: customer has no property `emial`; did you mean `email`? customer has: id, email,"
+        ),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        r.stdout.matches("customer has no property").count(),
+        1,
+        "traits.plan is fine"
+    );
+}
