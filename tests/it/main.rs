@@ -2,6 +2,7 @@
 //! server over TCP, the real `engaged` executable).
 
 mod daemon;
+mod docs;
 mod fixtures;
 mod helpers;
 mod hostile;
