@@ -1000,12 +1000,12 @@ async fn explain(
         .map(|(_, t)| t)
         .collect();
     let facts = Arc::new(Facts::new(customer, events, tags, now));
-    let owner = app.default_owner()?;
     let history = app.store.actions_for_customer(&id).await?;
     let escalations = app.store.escalations_for_customer(&id).await?;
     let decisions = app.store.decisions_for_customer(&id).await?;
     let mut outcomes = Vec::new();
-    for (rule, result) in rules.rules().iter().zip(rules.evaluate_all(&facts)) {
+    for rule in rules.rules() {
+        let (result, reads) = rules.explain(rule, &facts);
         let outcome = match result {
             Ok(actions) if actions.is_empty() => {
                 serde_json::json!({"rule": rule.id, "outcome": "nothing"})
@@ -1020,9 +1020,10 @@ async fn explain(
                             .and_then(|k| history.iter().find(|h| &h.dedup_key == k));
                         let open = matches!(a.kind, crate::plan::ActionRequest::Escalate { .. })
                             .then(|| {
-                                escalations
-                                    .iter()
-                                    .find(|e| e.rule == rule.id && e.status == "open")
+                                escalations.iter().find(|e| {
+                                    e.rule == rule.id
+                                        && (e.status == "open" || e.status == "acknowledged")
+                                })
                             })
                             .flatten();
                         let status = match (done, open) {
@@ -1032,7 +1033,6 @@ async fn explain(
                             (None, Some(e)) => format!("escalation {} is already open", e.id),
                             (None, None) => "new: the next run would do it".into(),
                         };
-                        let _ = &owner;
                         serde_json::json!({"action": a.kind, "status": status})
                     })
                     .collect();
@@ -1042,6 +1042,8 @@ async fn explain(
                 serde_json::json!({"rule": rule.id, "outcome": "error", "error": e.to_string()})
             }
         };
+        let mut outcome = outcome;
+        outcome["read"] = serde_json::json!(reads);
         outcomes.push(outcome);
     }
     let report = serde_json::json!({
@@ -1087,6 +1089,15 @@ fn print_explain(r: &serde_json::Value) {
     println!("Rules:");
     for o in r["rules"].as_array().into_iter().flatten() {
         let rule = o["rule"].as_str().unwrap_or("?");
+        let read: Vec<&str> = o["read"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect();
+        if !read.is_empty() {
+            println!("  {rule} read: {}", read.join("; "));
+        }
         match o["outcome"].as_str() {
             Some("nothing") => println!("  {rule}: nothing to do"),
             Some("error") => println!("  {rule}: error: {}", o["error"].as_str().unwrap_or("")),

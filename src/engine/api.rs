@@ -12,6 +12,10 @@ use crate::plan::ActionRequest;
 
 type Fallible<T> = Result<T, Box<EvalAltResult>>;
 
+fn show(v: Option<i64>) -> String {
+    v.map_or_else(|| "()".to_owned(), |n| n.to_string())
+}
+
 fn opt_int(v: Option<i64>) -> Dynamic {
     v.map_or(Dynamic::UNIT, Dynamic::from_int)
 }
@@ -22,17 +26,38 @@ pub(super) fn register(engine: &mut Engine, known: super::Known) {
         webhooks,
     } = known;
     engine.register_fn("days_since_signup", || {
-        with_context(|c| Ok(opt_int(c.facts.days_since_signup())))
+        with_context(|c| {
+            let v = c.facts.days_since_signup();
+            c.read(|| format!("days_since_signup() = {}", show(v)));
+            Ok(opt_int(v))
+        })
     });
     engine.register_fn("count", |event: &str| {
-        with_context(|c| Ok(c.facts.count(event)))
+        with_context(|c| {
+            let v = c.facts.count(event);
+            c.read(|| format!("count({event:?}) = {v}"));
+            Ok(v)
+        })
     });
     engine.register_fn("count", |event: &str, days: i64| {
-        with_context(|c| Ok(c.facts.count_within(event, days)))
+        with_context(|c| {
+            let v = c.facts.count_within(event, days);
+            c.read(|| format!("count({event:?}, {days}) = {v}"));
+            Ok(v)
+        })
     });
     engine.register_fn("last", |event: &str| {
         with_context(|c| {
-            Ok(c.facts.last(event).map_or(Dynamic::UNIT, |o| {
+            let found = c.facts.last(event).cloned();
+            c.read(|| match &found {
+                Some(o) => format!(
+                    "last({event:?}) = at {} with {}",
+                    Timestamp(o.at).rfc3339(),
+                    o.properties
+                ),
+                None => format!("last({event:?}) = ()"),
+            });
+            Ok(found.map_or(Dynamic::UNIT, |o| {
                 let mut m = Map::new();
                 m.insert("name".into(), Dynamic::from(event.to_owned()));
                 m.insert("at".into(), Dynamic::from(Timestamp(o.at)));
@@ -42,13 +67,25 @@ pub(super) fn register(engine: &mut Engine, known: super::Known) {
         })
     });
     engine.register_fn("days_since", |event: &str| {
-        with_context(|c| Ok(opt_int(c.facts.days_since(event))))
+        with_context(|c| {
+            let v = c.facts.days_since(event);
+            c.read(|| format!("days_since({event:?}) = {}", show(v)));
+            Ok(opt_int(v))
+        })
     });
     engine.register_fn("sum", |event: &str, property: &str| {
-        with_context(|c| Ok(c.facts.sum(event, property)))
+        with_context(|c| {
+            let v = c.facts.sum(event, property);
+            c.read(|| format!("sum({event:?}, {property:?}) = {v}"));
+            Ok(v)
+        })
     });
     engine.register_fn("has_tag", |name: &str| {
-        with_context(|c| Ok(c.facts.tags.iter().any(|t| t == name)))
+        with_context(|c| {
+            let v = c.facts.tags.iter().any(|t| t == name);
+            c.read(|| format!("has_tag({name:?}) = {v}"));
+            Ok(v)
+        })
     });
 
     let known = templates.clone();

@@ -101,6 +101,17 @@ struct EvalContext {
     facts: Arc<Facts>,
     rule: String,
     planned: Vec<ActionRequest>,
+    /// When explaining: every fact the rule read, as `count("login", 7) = 0`.
+    reads: Option<Vec<String>>,
+}
+
+impl EvalContext {
+    /// Notes a fact read (only when explaining; the closure is not called otherwise).
+    fn read(&mut self, describe: impl FnOnce() -> String) {
+        if let Some(reads) = &mut self.reads {
+            reads.push(describe());
+        }
+    }
 }
 
 thread_local! {
@@ -112,15 +123,25 @@ thread_local! {
 struct ContextGuard;
 
 impl ContextGuard {
-    fn install(facts: Arc<Facts>, rule: &str) -> Self {
+    fn install(facts: Arc<Facts>, rule: &str, trace: bool) -> Self {
         CONTEXT.with(|c| {
             *c.borrow_mut() = Some(EvalContext {
                 facts,
                 rule: rule.to_owned(),
                 planned: Vec::new(),
+                reads: trace.then(Vec::new),
             })
         });
         Self
+    }
+
+    fn take_reads(&self) -> Vec<String> {
+        CONTEXT.with(|c| {
+            c.borrow_mut()
+                .as_mut()
+                .and_then(|ctx| ctx.reads.take())
+                .unwrap_or_default()
+        })
     }
 
     fn take_planned(&self) -> Vec<ActionRequest> {
@@ -306,7 +327,28 @@ impl RuleSet {
         facts: &Arc<Facts>,
         customer_value: &Dynamic,
     ) -> Result<Vec<PlannedAction>, RuleError> {
-        let guard = ContextGuard::install(Arc::clone(facts), &rule.id);
+        self.evaluate_traced(rule, facts, customer_value, false).0
+    }
+
+    /// Evaluates one rule for one customer, listing the facts it read (for
+    /// `engaged explain`).
+    pub fn explain(
+        &self,
+        rule: &Rule,
+        facts: &Arc<Facts>,
+    ) -> (Result<Vec<PlannedAction>, RuleError>, Vec<String>) {
+        let customer = value::customer_to_dynamic(facts);
+        self.evaluate_traced(rule, facts, &customer, true)
+    }
+
+    fn evaluate_traced(
+        &self,
+        rule: &Rule,
+        facts: &Arc<Facts>,
+        customer_value: &Dynamic,
+        trace: bool,
+    ) -> (Result<Vec<PlannedAction>, RuleError>, Vec<String>) {
+        let guard = ContextGuard::install(Arc::clone(facts), &rule.id, trace);
         let mut scope = Scope::new();
         scope.push("customer", customer_value.clone());
         scope.push("now", Timestamp(facts.now));
@@ -315,6 +357,7 @@ impl RuleSet {
             self.engine.run_ast_with_scope(&mut scope, &rule.ast)
         }));
         let planned = guard.take_planned();
+        let reads = guard.take_reads();
         drop(guard);
         let result = match result {
             Ok(r) => r,
@@ -324,17 +367,18 @@ impl RuleSet {
                     .map(|s| (*s).to_owned())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                return Err(RuleError {
+                let error = RuleError {
                     path: rule.path.clone(),
                     line: 0,
                     col: 0,
                     message: format!(
                         "internal error while evaluating this rule (please report it): {what}"
                     ),
-                });
+                };
+                return (Err(error), reads);
             }
         };
-        match result {
+        let outcome = match result {
             Ok(()) => Ok(planned
                 .into_iter()
                 .map(|kind| PlannedAction {
@@ -344,7 +388,8 @@ impl RuleSet {
                 })
                 .collect()),
             Err(e) => Err(runtime_error(&rule.path, &e)),
-        }
+        };
+        (outcome, reads)
     }
 
     /// Evaluates every rule for one customer; one result per rule, in rule order.

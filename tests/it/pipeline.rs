@@ -521,6 +521,21 @@ async fn explain_shows_facts_rule_outcomes_and_history() {
         .find(|r| r["rule"] == "welcome")
         .unwrap();
     assert_eq!(welcome["outcome"], "nothing");
+    // Each rule lists the facts it read, with their values.
+    assert_eq!(welcome["read"], json!(["days_since_signup() = 134"]));
+    let reads: Vec<&str> = nps["read"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reads,
+        [
+            "last(\"nps_submitted\") = at 2026-06-12T10:00:00Z with {\"score\":3}",
+            "days_since(\"nps_submitted\") = 2"
+        ]
+    );
 
     app.run_at(NOW).await;
     let after = app
