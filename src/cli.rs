@@ -78,6 +78,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The next N days on a virtual clock at the schedules' fire times:
+    /// what each customer would receive and which escalations would open.
+    /// Writes and sends nothing.
+    Simulate {
+        #[arg(long)]
+        days: u32,
+        /// One customer's calendar.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        customer: Option<String>,
+        /// Everyone: per-day totals and escalations per owner.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_parser = parse_now)]
+        now: Option<DateTime<Utc>>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The daemon: schedules, delivery and the HTTP API.
     Serve,
     /// List escalations, or resolve one.
@@ -352,6 +369,23 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Serve => serve(cli.config.as_deref()).await,
+        Command::Simulate {
+            days,
+            customer,
+            all: _,
+            now,
+            json,
+        } => {
+            let app = App::open(cli.config.as_deref()).await?;
+            simulate(
+                &app,
+                days,
+                customer.as_deref(),
+                now.unwrap_or_else(Utc::now),
+                json,
+            )
+            .await
+        }
         Command::Plan {
             now,
             against,
@@ -489,6 +523,91 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn simulate(
+    app: &App,
+    days: u32,
+    customer: Option<&str>,
+    now: DateTime<Utc>,
+    json: bool,
+) -> Result<ExitCode> {
+    let (rules, _) = app.load_rules_and_templates(true)?;
+    let id = customer.map(CustomerId::parse).transpose()?;
+    if let Some(id) = &id
+        && app.store.customer(id).await?.is_none()
+    {
+        eprintln!("error: no customer with id {id:?}");
+        return Ok(ExitCode::from(1));
+    }
+    let happenings =
+        crate::simulate::simulate(&*app.store, &app.config, rules, id.as_ref(), now, days).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&happenings)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "Simulated {days} days from {} (nothing written or sent):",
+        now.format("%Y-%m-%d %H:%M UTC")
+    );
+    if id.is_some() {
+        if happenings.is_empty() {
+            println!("  nothing would happen");
+        }
+        for h in &happenings {
+            let mut line = format!(
+                "  {}  {}  [rule {}]",
+                h.at.format("%Y-%m-%d %H:%M"),
+                h.what,
+                h.rule
+            );
+            if let Some(owner) = &h.owner {
+                line.push_str(&format!(" → {owner}"));
+            }
+            if let Some(t) = h.goes_out_at {
+                line.push_str(&format!(
+                    " (goes out {} UTC, send window)",
+                    t.format("%Y-%m-%d %H:%M")
+                ));
+            }
+            println!("{line}");
+        }
+    } else {
+        let mut per_day: std::collections::BTreeMap<String, [usize; 4]> = Default::default();
+        let mut per_owner: std::collections::BTreeMap<String, usize> = Default::default();
+        for h in &happenings {
+            let day = per_day
+                .entry(h.at.format("%Y-%m-%d").to_string())
+                .or_default();
+            match h.kind.as_str() {
+                "email" => day[0] += 1,
+                "escalation" => day[1] += 1,
+                "tag" => day[2] += 1,
+                _ => day[3] += 1,
+            }
+            if let Some(owner) = &h.owner {
+                *per_owner.entry(owner.clone()).or_default() += 1;
+            }
+        }
+        println!(
+            "  {:<10} {:>7} {:>11} {:>5} {:>8}",
+            "day", "emails", "escalations", "tags", "webhooks"
+        );
+        for (day, n) in &per_day {
+            println!(
+                "  {:<10} {:>7} {:>11} {:>5} {:>8}",
+                day, n[0], n[1], n[2], n[3]
+            );
+        }
+        println!("Escalations per owner (CSM workload):");
+        if per_owner.is_empty() {
+            println!("  none");
+        }
+        for (owner, n) in &per_owner {
+            println!("  {owner:<32} {n}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A dry run's action list with the given rules.

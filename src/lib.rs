@@ -22,6 +22,7 @@
 //! - [`pipeline`]: one evaluation run: evaluate → plan → commit → deliver.
 //! - [`library`]: the rules and templates in use, swapped atomically on hot reload.
 //! - [`schedule`]: cron fire times (DST-correct) and the durable firing ledger; a tick only enqueues.
+//! - [`simulate`]: `engaged simulate`: the next N days on a virtual clock, nothing written.
 //! - [`daemon`]: `engaged serve`: scheduler, run worker, delivery workers, HTTP, reload, shutdown.
 //! - [`api`]: the HTTP API (Segment ingestion, unsubscribe, health, metrics, admin).
 //! - [`metrics`]: Prometheus metrics. [`clock`]: time as a parameter.
@@ -48,6 +49,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod policy;
 pub mod schedule;
+pub mod simulate;
 pub mod store;
 pub mod templates;
 pub mod unsubscribe;

@@ -91,7 +91,7 @@ pub enum Outgoing {
 }
 
 impl Outgoing {
-    fn rule(&self) -> &str {
+    pub fn rule(&self) -> &str {
         match self {
             Self::Action(a) => &a.rule,
             Self::Escalation(e) => &e.rule,
@@ -300,7 +300,7 @@ pub async fn evaluate(
     Ok(out)
 }
 
-fn kind_label(o: &Outgoing) -> (&'static str, String) {
+pub fn kind_label(o: &Outgoing) -> (&'static str, String) {
     match o {
         Outgoing::Escalation(e) => ("escalation", format!("escalate: {}", e.reason)),
         Outgoing::Action(a) => match a.kind {

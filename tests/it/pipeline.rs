@@ -728,3 +728,65 @@ async fn plan_shows_what_a_run_would_do_and_the_difference_other_rules_make() {
     assert_eq!(store.outbox_counts().await.unwrap(), Default::default());
     assert_eq!(app.smtp.count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulate_shows_a_customers_calendar_and_writes_nothing() {
+    let app = app_with_data().await;
+    let r = app
+        .engaged(&[
+            "simulate",
+            "--days",
+            "5",
+            "--customer",
+            "tip2",
+            "--now",
+            NOW,
+            "--json",
+        ])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut seen: Vec<(String, String)> = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["at"].as_str().unwrap().to_owned(),
+                h["what"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let expected: Vec<(String, String)> = [
+        ("2026-06-16T02:00:00Z", "email onboarding_tip (key tip-2)"),
+        ("2026-06-16T02:00:00Z", "tag level:exploration"),
+        (
+            "2026-06-19T02:00:00Z",
+            "email onboarding_tip (key tip-3)",
+        ),
+        (
+            "2026-06-19T02:00:00Z",
+            "escalate: Onboarding stalled: 0 of 5 onboarding steps done, no login in the last 7 days",
+        ),
+        ("2026-06-19T02:00:00Z", "tag onboarding-stalled"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    .collect();
+    assert_eq!(seen, expected);
+
+    // Everyone: per-day totals and the CSM workload.
+    let r = app
+        .engaged(&["simulate", "--days", "3", "--all", "--now", NOW])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("2026-06-16"), "{}", r.stdout);
+    assert!(r.stdout.contains("Escalations per owner"), "{}", r.stdout);
+    assert!(r.stdout.contains("csm@acme.test"), "{}", r.stdout);
+
+    let store = app.store().await;
+    assert!(store.runs(10).await.unwrap().is_empty(), "nothing written");
+    assert_eq!(store.outbox_counts().await.unwrap(), Default::default());
+    assert_eq!(app.smtp.count(), 0, "nothing sent");
+}

@@ -1,0 +1,319 @@
+//! `engaged simulate`: moves a virtual clock through the next N days at the
+//! schedules' fire times, evaluates the rules with dedup and the policies,
+//! treats what it planned as sent, and reports a calendar. It reads the
+//! database and writes nothing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::domain::{CustomerId, Email};
+use crate::engine::RuleSet;
+use crate::facts::Facts;
+use crate::pipeline::{Outgoing, evaluate, kind_label, to_outgoing};
+use crate::plan::OutboxKind;
+use crate::policy::{CapDecision, RulePolicy, apply_cap};
+use crate::schedule::Schedule;
+use crate::store::{Store, StoreError};
+
+/// One simulated happening.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Happening {
+    pub at: DateTime<Utc>,
+    pub schedule: String,
+    pub customer_id: String,
+    pub rule: String,
+    /// `email`, `escalation`, `tag`, `webhook`.
+    pub kind: String,
+    pub what: String,
+    /// For escalations: who gets it.
+    pub owner: Option<String>,
+    /// For emails held back by the send window: when it would go out.
+    pub goes_out_at: Option<DateTime<Utc>>,
+}
+
+/// A fire time, the schedule's name and its rule subset.
+pub type FireTime = (DateTime<Utc>, String, Option<Vec<String>>);
+
+/// Fire times in (from, to], per schedule (all rules daily at 02:00 UTC when
+/// no schedule is configured).
+pub fn fire_times(
+    config: &Config,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<FireTime>, String> {
+    let mut schedules: Vec<Schedule> = config
+        .schedules
+        .iter()
+        .map(Schedule::parse)
+        .collect::<Result<_, _>>()?;
+    if schedules.is_empty() {
+        schedules.push(Schedule::parse(&crate::config::ScheduleConfig {
+            name: "nightly (default)".into(),
+            cron: "0 2 * * *".into(),
+            timezone: "UTC".into(),
+            rules: None,
+            missed: Default::default(),
+            grace_minutes: 0,
+        })?);
+    }
+    let mut times = Vec::new();
+    for s in &schedules {
+        let mut t = from;
+        while let Some(next) = s.next_after(t) {
+            if next > to || times.len() > 10_000 {
+                break;
+            }
+            times.push((next, s.name.clone(), s.rules.clone()));
+            t = next;
+        }
+    }
+    times.sort_by_key(|(t, ..)| *t);
+    Ok(times)
+}
+
+/// The simulated ledger: what the database already holds plus what the
+/// simulation "sent".
+struct Ledger {
+    keys: HashSet<String>,
+    open: HashSet<(String, String)>,
+    emails: HashMap<String, Vec<DateTime<Utc>>>,
+    tags: HashMap<String, Vec<String>>,
+}
+
+/// Runs the simulation for one customer (`Some`) or everyone.
+pub async fn simulate(
+    store: &dyn Store,
+    config: &Config,
+    rules: Arc<RuleSet>,
+    customer: Option<&CustomerId>,
+    from: DateTime<Utc>,
+    days: u32,
+) -> Result<Vec<Happening>, StoreError> {
+    let default_owner = Email::parse(&config.escalation.default_owner)
+        .unwrap_or_else(|_| Email::parse("success@engaged.example").expect("a valid address"));
+    let times = fire_times(config, from, from + Duration::days(i64::from(days))).map_err(|e| {
+        StoreError::Corrupt {
+            table: "config",
+            message: e,
+        }
+    })?;
+    let open: HashSet<(String, String)> = store
+        .escalations(true)
+        .await?
+        .into_iter()
+        .map(|e| (e.customer_id, e.rule))
+        .collect();
+    let mut ledger = Ledger {
+        keys: HashSet::new(),
+        open,
+        emails: HashMap::new(),
+        tags: HashMap::new(),
+    };
+    let window = config.policy.window().ok().flatten();
+    let fallback_tz = config.policy.default_tz().unwrap_or(chrono_tz::UTC);
+    let mut out = Vec::new();
+    for (at, schedule, only) in times {
+        let only_set: Option<HashSet<String>> = only.map(|r| r.into_iter().collect());
+        let outgoing = match customer {
+            Some(id) => {
+                one_customer(
+                    store,
+                    &rules,
+                    only_set.as_ref(),
+                    id,
+                    at,
+                    &default_owner,
+                    &ledger,
+                )
+                .await?
+            }
+            None => {
+                evaluate(
+                    store,
+                    Arc::clone(&rules),
+                    only_set.map(Arc::new),
+                    at,
+                    &default_owner,
+                    None,
+                )
+                .await?
+                .outgoing
+            }
+        };
+        let keys: Vec<String> = outgoing
+            .iter()
+            .filter_map(|o| match o {
+                Outgoing::Action(a) => Some(a.dedup_key.clone()),
+                Outgoing::Escalation(_) => None,
+            })
+            .collect();
+        let in_db = store.existing_dedup_keys(&keys).await?;
+        let emails: Vec<String> = outgoing
+            .iter()
+            .filter_map(|o| match o {
+                Outgoing::Action(a) if a.kind == OutboxKind::Email => a.customer_email.clone(),
+                _ => None,
+            })
+            .collect();
+        let suppressed = store.suppressions_among(&emails).await?;
+        // New emails per customer, for the frequency cap.
+        let mut candidates: BTreeMap<String, Vec<&Outgoing>> = BTreeMap::new();
+        for o in &outgoing {
+            match o {
+                Outgoing::Action(a) => {
+                    if in_db.contains(&a.dedup_key) || ledger.keys.contains(&a.dedup_key) {
+                        continue;
+                    }
+                    if a.kind == OutboxKind::Email {
+                        let address = a.customer_email.clone().unwrap_or_default().to_lowercase();
+                        if suppressed.contains_key(&address) {
+                            continue;
+                        }
+                        candidates
+                            .entry(a.customer_id.to_string())
+                            .or_default()
+                            .push(o);
+                        continue;
+                    }
+                    ledger.keys.insert(a.dedup_key.clone());
+                    if a.kind == OutboxKind::Tag {
+                        ledger
+                            .tags
+                            .entry(a.customer_id.to_string())
+                            .or_default()
+                            .push(a.subject.clone());
+                    }
+                    out.push(happening(at, &schedule, o, None));
+                }
+                Outgoing::Escalation(e) => {
+                    let pair = (e.customer_id.to_string(), e.rule.clone());
+                    if ledger.open.insert(pair) {
+                        out.push(happening(at, &schedule, o, None));
+                    }
+                }
+            }
+        }
+        for (customer_id, list) in candidates {
+            let room = match config.policy.frequency_cap {
+                None => usize::MAX,
+                Some(cap) => {
+                    let since = at - Duration::days(i64::from(cap.days));
+                    let recent = store
+                        .recent_email_counts(
+                            &[CustomerId::parse(&customer_id).unwrap_or_default()],
+                            since,
+                        )
+                        .await?
+                        .values()
+                        .sum::<u32>() as usize;
+                    let simulated = ledger
+                        .emails
+                        .get(&customer_id)
+                        .map_or(0, |v| v.iter().filter(|t| **t > since).count());
+                    (cap.emails as usize).saturating_sub(recent + simulated)
+                }
+            };
+            let policies: Vec<RulePolicy> = list
+                .iter()
+                .map(|o| {
+                    rules.rule(o.rule()).map_or(
+                        RulePolicy {
+                            priority: 0,
+                            drop_when_capped: false,
+                        },
+                        |r| r.policy,
+                    )
+                })
+                .collect();
+            for (o, decision) in list.iter().zip(apply_cap(&policies, room)) {
+                let Outgoing::Action(a) = o else { continue };
+                match decision {
+                    CapDecision::Allow => {
+                        ledger.keys.insert(a.dedup_key.clone());
+                        ledger
+                            .emails
+                            .entry(customer_id.clone())
+                            .or_default()
+                            .push(at);
+                        let tz = a
+                            .customer_timezone
+                            .as_deref()
+                            .and_then(|t| t.parse().ok())
+                            .unwrap_or(fallback_tz);
+                        let goes_out = window.and_then(|w| w.next_open(at, tz));
+                        out.push(happening(at, &schedule, o, goes_out));
+                    }
+                    CapDecision::Drop => {
+                        ledger.keys.insert(a.dedup_key.clone());
+                    }
+                    CapDecision::Defer => {}
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn happening(
+    at: DateTime<Utc>,
+    schedule: &str,
+    o: &Outgoing,
+    goes_out_at: Option<DateTime<Utc>>,
+) -> Happening {
+    let (kind, what) = kind_label(o);
+    let (customer_id, owner) = match o {
+        Outgoing::Action(a) => (a.customer_id.to_string(), None),
+        Outgoing::Escalation(e) => (e.customer_id.to_string(), Some(e.owner.clone())),
+    };
+    Happening {
+        at,
+        schedule: schedule.to_owned(),
+        customer_id,
+        rule: o.rule().to_owned(),
+        kind: kind.to_owned(),
+        what,
+        owner,
+        goes_out_at,
+    }
+}
+
+async fn one_customer(
+    store: &dyn Store,
+    rules: &RuleSet,
+    only: Option<&HashSet<String>>,
+    id: &CustomerId,
+    at: DateTime<Utc>,
+    default_owner: &Email,
+    ledger: &Ledger,
+) -> Result<Vec<Outgoing>, StoreError> {
+    let Some(customer) = store.customer(id).await? else {
+        return Ok(Vec::new());
+    };
+    if customer.created_at.is_some_and(|c| c > at) {
+        return Ok(Vec::new());
+    }
+    let events = store.events_in_id_range(id, id, at).await?;
+    let mut tags: Vec<String> = store
+        .tags_in_id_range(id, id)
+        .await?
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    tags.extend(ledger.tags.get(id.as_str()).cloned().unwrap_or_default());
+    let facts = Arc::new(Facts::new(customer, events, tags, at));
+    let mut out = Vec::new();
+    for (_, result) in rules.evaluate_selected(&facts, only) {
+        if let Ok(actions) = result {
+            out.extend(
+                actions
+                    .into_iter()
+                    .map(|a| to_outgoing(a, &facts, default_owner)),
+            );
+        }
+    }
+    Ok(out)
+}
