@@ -174,6 +174,22 @@ fn with_context<R>(
 pub struct RuleSet {
     engine: Engine,
     rules: Vec<Rule>,
+    /// Function name → its signatures, for "expected …" hints.
+    signatures: std::collections::HashMap<String, Vec<String>>,
+}
+
+fn signatures(engine: &Engine) -> std::collections::HashMap<String, Vec<String>> {
+    let mut map: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for sig in engine.gen_fn_signatures(true) {
+        // `count(_: string, _: i64) -> Result<…>` → `count(string, i64)`
+        let head = sig.split(" -> ").next().unwrap_or(&sig).replace("_: ", "");
+        if let Some(name) = head.split('(').next() {
+            map.entry(name.trim().to_owned())
+                .or_default()
+                .push(head.clone());
+        }
+    }
+    map
 }
 
 impl fmt::Debug for RuleSet {
@@ -279,6 +295,7 @@ impl RuleSet {
             }
         };
         paths.sort();
+        let signatures = signatures(&engine);
         for path in paths {
             match std::fs::read_to_string(&path) {
                 Ok(source) => match compile(&engine, &path, &source) {
@@ -293,7 +310,14 @@ impl RuleSet {
                 }),
             }
         }
-        (Self { engine, rules }, errors)
+        (
+            Self {
+                engine,
+                rules,
+                signatures,
+            },
+            errors,
+        )
     }
 
     /// A rule set from in-memory sources `(id, source)`; for tests and fixtures.
@@ -303,7 +327,12 @@ impl RuleSet {
             .iter()
             .map(|(id, src)| compile(&engine, &PathBuf::from(format!("rules/{id}.rhai")), src))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { engine, rules })
+        let signatures = signatures(&engine);
+        Ok(Self {
+            engine,
+            rules,
+            signatures,
+        })
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -387,7 +416,7 @@ impl RuleSet {
                     kind,
                 })
                 .collect()),
-            Err(e) => Err(runtime_error(&rule.path, &e)),
+            Err(e) => Err(runtime_error(&rule.path, &e, &self.signatures)),
         };
         (outcome, reads)
     }
@@ -558,7 +587,11 @@ fn located(path: &Path, pos: Position, message: String) -> RuleError {
 
 /// Turns a Rhai runtime error into a located message with a hint for the
 /// limits a rule author is most likely to hit.
-fn runtime_error(path: &Path, err: &EvalAltResult) -> RuleError {
+fn runtime_error(
+    path: &Path,
+    err: &EvalAltResult,
+    signatures: &std::collections::HashMap<String, Vec<String>>,
+) -> RuleError {
     let inner = err.unwrap_inner();
     let pos = if inner.position().is_none() {
         err.position()
@@ -577,9 +610,22 @@ fn runtime_error(path: &Path, err: &EvalAltResult) -> RuleError {
         }
         EvalAltResult::ErrorRuntime(value, _) => value.to_string(),
         EvalAltResult::ErrorFunctionNotFound(signature, _) => {
-            format!(
-                "no function {signature} (a function of that name exists, but not for these argument types or this number of arguments)"
-            )
+            let name = signature.split([' ', '(']).next().unwrap_or_default();
+            let mut expected: Vec<&str> = signatures
+                .get(name)
+                .map(|v| v.iter().map(String::as_str).collect())
+                .unwrap_or_default();
+            expected.sort_unstable();
+            expected.dedup();
+            expected.truncate(6);
+            if expected.is_empty() {
+                format!("no function {signature}")
+            } else {
+                format!(
+                    "no function {signature}: wrong argument types or count; expected {}",
+                    expected.join(" or ")
+                )
+            }
         }
         other => strip_position(&other.to_string()),
     };

@@ -362,3 +362,14 @@ async fn check_names_the_customer_property_that_does_not_exist() {
         "traits.plan is fine"
     );
 }
+
+#[test]
+fn a_call_with_the_wrong_argument_types_says_what_was_expected() {
+    let f = facts(&[]);
+    let e = eval("let n = count(7);", &f).unwrap_err();
+    assert!(
+        e.contains("no function count (i64)")
+            && e.contains("expected count(string) or count(string, i64)"),
+        "{e}"
+    );
+}
