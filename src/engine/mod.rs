@@ -254,6 +254,28 @@ pub fn build_engine(known: Known) -> Engine {
     engine.register_fn("sleep", |_: f64| -> Result<(), Box<EvalAltResult>> {
         Err("sleep() is not available in rules".into())
     });
+    // Rhai checks a map's size when it is passed to a function, but not when
+    // a key is added by index (`m[k] = v`), so a loop could grow a map far
+    // past the limit. Every variable access checks the maps and arrays the
+    // script holds in scope; the error points at the access.
+    // Rhai marks `on_var` deprecated only to say its signature may change.
+    #[allow(deprecated)]
+    engine.on_var(|name, _, context| {
+        if let Some(value) = context.scope().get(name) {
+            if value.is_map()
+                && value
+                    .read_lock::<rhai::Map>()
+                    .is_some_and(|m| m.len() > MAX_MAP_SIZE)
+            {
+                return Err(EvalAltResult::ErrorDataTooLarge(
+                    "Size of object map".into(),
+                    Position::NONE,
+                )
+                .into());
+            }
+        }
+        Ok(None)
+    });
     value::register_timestamp(&mut engine);
     api::register(&mut engine, known);
     engine
