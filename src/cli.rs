@@ -1058,7 +1058,9 @@ fn print_summary(s: &RunSummary) {
         );
     }
     for e in &s.errors {
-        println!("error: customer {}: {}", e.customer_id, e.message);
+        let shown = crate::diagnostic::Diagnostic::parse(&e.message)
+            .map_or_else(|| e.message.clone(), |d| d.pretty());
+        println!("error: customer {}: {shown}", e.customer_id);
     }
     for (rule, r) in s.rules.iter().filter(|(_, r)| r.held > 0) {
         println!(

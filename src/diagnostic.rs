@@ -30,6 +30,22 @@ impl fmt::Display for Diagnostic {
 impl std::error::Error for Diagnostic {}
 
 impl Diagnostic {
+    /// Reads back the one-line form `FILE:LINE:COL: message` (as stored in
+    /// run reports), so it can be shown with its source line.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (location, message) = text.split_once(": ")?;
+        let mut parts = location.rsplitn(3, ':');
+        let col = parts.next()?.parse().ok()?;
+        let line = parts.next()?.parse().ok()?;
+        let path = PathBuf::from(parts.next()?);
+        Some(Self {
+            path,
+            line,
+            col,
+            message: message.to_owned(),
+        })
+    }
+
     /// The one-line form, then the offending source line (read from the
     /// file) with a caret under the column, as compilers print it.
     pub fn pretty(&self) -> String {
@@ -75,5 +91,7 @@ mod tests {
         assert!(lines[0].ends_with(":2:9: unknown function `cout`; did you mean `count`?"));
         assert_eq!(lines[1], " 2 | let n = cout(\"login\");");
         assert_eq!(lines[2], "   |         ^");
+        assert_eq!(Diagnostic::parse(&d.to_string()), Some(d));
+        assert_eq!(Diagnostic::parse("no location here"), None);
     }
 }

@@ -207,6 +207,9 @@ async fn a_failing_rule_is_recorded_while_the_other_rules_still_act() {
         .await
         .unwrap();
     assert_eq!(recorded.len(), 4);
+    // The human-readable summary shows the source line with a caret.
+    let text = app.engaged(&["run", "--now", NOW]).await.stdout;
+    assert!(text.contains(" 4 |   n += 1;\n   |   ^"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
