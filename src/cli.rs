@@ -82,7 +82,8 @@ pub enum Command {
     /// what each customer would receive and which escalations would open.
     /// Writes and sends nothing.
     Simulate {
-        #[arg(long)]
+        /// How many days (1 to 366).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=366))]
         days: u32,
         /// One customer's calendar.
         #[arg(long, conflicts_with = "all", required_unless_present = "all")]

@@ -136,19 +136,26 @@ fn describe_action(rule: &str, a: &ActionRequest) -> String {
 /// `-3d`, `+2h`, `-30m` relative to `now`, or an absolute timestamp.
 fn time_of(raw: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
     let s = raw.trim();
-    let unit = s.chars().last().unwrap_or(' ');
-    let number = &s[..s.len().saturating_sub(1)];
-    if matches!(unit, 'd' | 'h' | 'm' | 's')
-        && (number.starts_with('-') || number.starts_with('+'))
-        && let Ok(n) = number.parse::<i64>()
-    {
-        let d = match unit {
-            'd' => Duration::days(n),
-            'h' => Duration::hours(n),
-            'm' => Duration::minutes(n),
-            _ => Duration::seconds(n),
+    let relative = s
+        .char_indices()
+        .last()
+        .filter(|(_, unit)| matches!(unit, 'd' | 'h' | 'm' | 's'))
+        .and_then(|(i, unit)| {
+            let number = &s[..i];
+            let signed = number.starts_with('-') || number.starts_with('+');
+            signed.then(|| number.parse::<i64>().ok().map(|n| (n, unit)))?
+        });
+    if let Some((n, unit)) = relative {
+        let seconds = match unit {
+            'd' => n.checked_mul(86_400),
+            'h' => n.checked_mul(3_600),
+            'm' => n.checked_mul(60),
+            _ => Some(n),
         };
-        return Ok(now + d);
+        return seconds
+            .and_then(Duration::try_seconds)
+            .and_then(|d| now.checked_add_signed(d))
+            .ok_or_else(|| format!("{s:?} is too far from now"));
     }
     parse_timestamp(s).map_err(|e| format!("{e} (or a relative time like -3d, -2h, +30m)"))
 }
@@ -352,5 +359,10 @@ mod tests {
             parse_timestamp("2026-01-01T00:00:00Z").unwrap()
         );
         assert!(time_of("yesterday", now).is_err());
+        assert!(
+            time_of("-2é", now).is_err(),
+            "no panic on a multi-byte last character"
+        );
+        assert!(time_of("-200000000d", now).is_err(), "no panic on overflow");
     }
 }

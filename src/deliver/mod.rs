@@ -68,7 +68,7 @@ impl DeliveryReport {
             AttemptResult::Retry { .. } => self.retrying += 1,
             AttemptResult::Dead { .. } => self.dead += 1,
             AttemptResult::Suppressed { .. } => self.suppressed += 1,
-            AttemptResult::Released => {}
+            AttemptResult::Released | AttemptResult::Wait { .. } => {}
         }
     }
 
@@ -97,6 +97,9 @@ pub struct Deliverer {
     webhooks: std::collections::BTreeMap<String, WebhookConfig>,
     http: reqwest::Client,
     limiter: Option<DefaultDirectRateLimiter>,
+    /// Marketing mail only goes out inside this window (customer's zone).
+    window: Option<crate::policy::SendWindow>,
+    default_tz: chrono_tz::Tz,
     rate_per_second: u32,
     policy: DeliveryConfig,
 }
@@ -164,6 +167,8 @@ impl Deliverer {
             http,
             limiter,
             rate_per_second: config.mail.rate_per_second,
+            window: config.policy.window().map_err(DeliverError::Config)?,
+            default_tz: config.policy.default_tz().map_err(DeliverError::Config)?,
             policy: config.delivery.clone(),
         })
     }
@@ -217,7 +222,7 @@ impl Deliverer {
                     async move {
                         let result = match reason {
                             Some(reason) => AttemptResult::Suppressed { reason },
-                            None => self.attempt(&item).await,
+                            None => self.attempt(&item, now).await,
                         };
                         let bounced = hard_bounce(&item, &result);
                         (item.id, result, bounced)
@@ -267,9 +272,25 @@ impl Deliverer {
 
     /// One claimed item: waits for the rate limit, makes sure the claim
     /// still has time for a whole send, delivers, and reports metrics.
-    async fn attempt(&self, item: &OutboxItem) -> AttemptResult {
+    async fn attempt(&self, item: &OutboxItem, now: DateTime<Utc>) -> AttemptResult {
         if self.stopping.is_cancelled() {
             return AttemptResult::Released;
+        }
+        // The send window is checked when the mail would really go out (an
+        // approval, a retry or a late run must not mail at 3 a.m.).
+        if item.kind == OutboxKind::Email
+            && let Some(window) = self.window
+        {
+            let tz = item.payload["customer"]["timezone"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(self.default_tz);
+            if let Some(until) = window.next_open(now.max(Utc::now()), tz) {
+                return AttemptResult::Wait {
+                    until,
+                    reason: format!("outside the send window; it opens at {until}"),
+                };
+            }
         }
         if matches!(item.kind, OutboxKind::Email | OutboxKind::EscalationNotice)
             && let Some(limiter) = &self.limiter
@@ -306,7 +327,7 @@ impl Deliverer {
             AttemptResult::Suppressed { .. } => {
                 m.suppressed.get_or_create(&kind).inc();
             }
-            AttemptResult::Retry { .. } | AttemptResult::Released => {}
+            AttemptResult::Retry { .. } | AttemptResult::Released | AttemptResult::Wait { .. } => {}
         }
     }
 
@@ -574,5 +595,6 @@ fn log_result(id: i64, r: &AttemptResult) {
         AttemptResult::Dead { error } => tracing::error!(action = id, "Delivery gave up: {error}"),
         AttemptResult::Suppressed { reason } => tracing::info!(action = id, "Not sent: {reason}"),
         AttemptResult::Released => tracing::info!(action = id, "Released for another worker."),
+        AttemptResult::Wait { reason, .. } => tracing::info!(action = id, "Not sent yet: {reason}"),
     }
 }

@@ -223,6 +223,12 @@ pub enum AttemptResult {
     Dead { error: String },
     /// Not attempted (shutting down): back to pending, the attempt uncounted.
     Released,
+    /// Not attempted yet (outside the send window): pending until `until`,
+    /// the attempt uncounted.
+    Wait {
+        until: DateTime<Utc>,
+        reason: String,
+    },
     /// Not sent: the address is suppressed (unsubscribed, bounced…).
     Suppressed { reason: String },
 }

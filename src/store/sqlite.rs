@@ -788,6 +788,13 @@ impl Store for SqliteStore {
                     "UPDATE actions SET status = 'pending', attempts = attempts - 1, lease_until = NULL
                      WHERE id = ? AND status = 'sending' AND claim_token = ?",
                 ),
+                AttemptResult::Wait { until, reason } => sqlx::query(
+                    "UPDATE actions SET status = 'pending', attempts = attempts - 1, lease_until = NULL,
+                     next_attempt_at = ?, last_error = ?
+                     WHERE id = ? AND status = 'sending' AND claim_token = ?",
+                )
+                .bind(to_millis(*until))
+                .bind(reason.clone()),
                 AttemptResult::Suppressed { reason } => sqlx::query(
                     "UPDATE actions SET status = 'suppressed', last_error = ?, finished_at = ?, lease_until = NULL
                      WHERE id = ? AND status = 'sending' AND claim_token = ?",

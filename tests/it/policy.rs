@@ -607,3 +607,39 @@ async fn secrets_never_appear_in_logs_or_output() {
         assert!(!seen.contains(secret), "{secret} leaked:\n{seen}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_send_window_is_checked_again_when_mail_would_really_go_out() {
+    // A window that is closed right now (real time): it opens in two hours.
+    let open = chrono::Utc::now() + chrono::Duration::hours(2);
+    let close = open + chrono::Duration::hours(1);
+    let app = TestApp::new().await;
+    app.write_config(&format!(
+        "[policy]\nsend_window = \"{}-{}\"\n",
+        open.format("%H:%M"),
+        close.format("%H:%M")
+    ));
+    app.import_customers("id,email,created_at\nc1,ana@example.com,2026-06-14T20:00:00Z\n")
+        .await;
+    // Evaluated as of a past moment inside the window; delivered now, outside it.
+    let s = app.run_at(NOW).await;
+    assert_eq!(s["delivery"]["sent"], 0);
+    assert_eq!(app.smtp.count(), 0, "no mail outside the window");
+    let store = app.store().await;
+    let actions = store
+        .actions_for_customer(&engaged::domain::CustomerId::parse("c1").unwrap())
+        .await
+        .unwrap();
+    let welcome = actions.iter().find(|a| a.rule == "welcome").unwrap();
+    assert_eq!(welcome.status, "pending");
+    assert_eq!(welcome.attempts, 0, "waiting is not an attempt");
+    assert!(
+        welcome
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("outside the send window"),
+        "{welcome:?}"
+    );
+    assert!(welcome.next_attempt_at > chrono::Utc::now() + chrono::Duration::minutes(100));
+}
