@@ -765,7 +765,9 @@ async fn runs(
         return Ok(ExitCode::from(1));
     }
     if approve {
-        println!("Approved {n} held emails of run {run_id} ({what}); they go out now.");
+        println!(
+            "Approved {n} held emails of run {run_id} ({what}); they go out with the next delivery (the daemon, or the next `engaged run`)."
+        );
         tracing::info!(run = run_id, emails = n, "Held emails approved.");
     } else {
         println!("Rejected {n} held emails of run {run_id} ({what}); they will not be sent.");
@@ -1033,24 +1035,30 @@ fn print_summary(s: &RunSummary) {
         s.customers, s.evaluations, s.evaluation_seconds
     );
     println!(
-        "{:<24} {:>8} {:>8} {:>10} {:>7} {:>7} {:>11} {:>5} {:>8}",
+        "{:<20} {:>7} {:>6} {:>5} {:>6} {:>6} {:>5} {:>6} {:>6} {:>6} {:>5} {:>8}",
         "rule",
         "planned",
         "dedup",
-        "suppressed",
+        "suppr",
+        "capped",
+        "window",
+        "held",
         "errors",
         "emails",
-        "escalations",
+        "escal",
         "tags",
         "webhooks"
     );
     for (rule, r) in &s.rules {
         println!(
-            "{:<24} {:>8} {:>8} {:>10} {:>7} {:>7} {:>11} {:>5} {:>8}",
+            "{:<20} {:>7} {:>6} {:>5} {:>6} {:>6} {:>5} {:>6} {:>6} {:>6} {:>5} {:>8}",
             rule,
             r.planned,
             r.deduplicated,
             r.suppressed,
+            r.capped,
+            r.waiting_for_window,
+            r.held,
             r.errors,
             r.emails,
             r.escalations,

@@ -180,6 +180,7 @@ pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) 
                 customer,
                 facts: facts.summary(),
                 reminder: 0,
+                overflow: None,
             })
             .unwrap_or(Value::Null);
             Outgoing::Escalation(NewEscalation {
@@ -393,11 +394,9 @@ pub async fn run(
         ..Default::default()
     };
 
-    if opts.dry_run {
-        mark_dry_run_duplicates(&*store, &eval, &mut summary).await?;
-        return Ok(summary);
-    }
-
+    // The guard judges what each rule wants to send (before suppressions and
+    // the cap trim it), so a bad edit cannot trickle out under the cap.
+    let hold = guard_decision(&*store, &eval.outgoing, summary.customers, &opts.guard).await?;
     let mut decisions = drop_suppressed(&*store, &mut eval.outgoing).await?;
     for d in &decisions {
         summary.rules.entry(d.rule.clone()).or_default().suppressed += 1;
@@ -419,12 +418,32 @@ pub async fn run(
     if opts.escalation.owner_daily_cap > 0 {
         let since = opts.now - chrono::Duration::days(1);
         let counts = store.owner_escalation_counts(since).await?;
+        // Re-fires of escalations already open open nothing new: they do
+        // not count against an owner's cap.
+        let pairs: Vec<(CustomerId, String)> = eval
+            .outgoing
+            .iter()
+            .filter_map(|o| match o {
+                Outgoing::Escalation(e) => Some((e.customer_id.clone(), e.rule.clone())),
+                Outgoing::Action(_) => None,
+            })
+            .collect();
+        let open = store.open_escalation_pairs(&pairs).await?;
         overflow_owners(
             &mut eval.outgoing,
+            &open,
             counts,
             opts.escalation.owner_daily_cap,
             default_owner,
         );
+    }
+    if opts.dry_run {
+        mark_dry_run_duplicates(&*store, &eval, &mut summary).await?;
+        for rule in hold.keys() {
+            let s = summary.rules.entry(rule.clone()).or_default();
+            s.held = s.emails;
+        }
+        return Ok(summary);
     }
     // What this run says about open escalations: which (customer, rule)
     // pairs escalated again, and which could not be evaluated.
@@ -447,7 +466,7 @@ pub async fn run(
         started_at,
         errors: eval.errors,
         summary: serde_json::to_value(&summary).unwrap_or(Value::Null),
-        guard: Some((opts.guard.clone(), summary.customers)),
+        hold,
         decisions,
         ..Default::default()
     };
@@ -508,30 +527,72 @@ pub async fn run(
     Ok(summary)
 }
 
+/// The blast-radius guard: rules whose new emails in this run would reach
+/// more customers than `guard` allows, with the reason recorded on them.
+async fn guard_decision(
+    store: &dyn Store,
+    outgoing: &[Outgoing],
+    customers: u64,
+    guard: &crate::policy::GuardConfig,
+) -> Result<BTreeMap<String, String>, StoreError> {
+    let emails: Vec<&NewAction> = outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Action(a) if a.kind == OutboxKind::Email => Some(a),
+            _ => None,
+        })
+        .collect();
+    let keys: Vec<String> = emails.iter().map(|a| a.dedup_key.clone()).collect();
+    let existing = store.existing_dedup_keys(&keys).await?;
+    let mut reached: BTreeMap<&str, HashSet<&CustomerId>> = BTreeMap::new();
+    for a in emails.iter().filter(|a| !existing.contains(&a.dedup_key)) {
+        reached
+            .entry(a.rule.as_str())
+            .or_default()
+            .insert(&a.customer_id);
+    }
+    Ok(reached
+        .into_iter()
+        .filter(|(_, who)| guard.holds(who.len(), customers))
+        .map(|(rule, who)| {
+            (
+                rule.to_owned(),
+                format!(
+                    "held by the blast-radius guard: {} of {customers} customers in one run",
+                    who.len()
+                ),
+            )
+        })
+        .collect())
+}
+
 /// Per-owner daily cap: escalations beyond it go to the default owner, and
 /// the reason says so.
 fn overflow_owners(
     outgoing: &mut [Outgoing],
+    already_open: &HashSet<(CustomerId, String)>,
     mut counts: HashMap<String, u32>,
     cap: u32,
     default_owner: &Email,
 ) {
     for o in outgoing.iter_mut() {
         let Outgoing::Escalation(e) = o else { continue };
+        if already_open.contains(&(e.customer_id.clone(), e.rule.clone())) {
+            continue;
+        }
         let used = counts.entry(e.owner.clone()).or_default();
         if *used < cap || e.owner == default_owner.as_str() {
             *used += 1;
             continue;
         }
-        let note = format!(
-            " (to {default_owner}: {} reached the daily cap of {cap} escalations)",
-            e.owner
-        );
-        e.reason.push_str(&note);
+        // The reason stays as the rule wrote it (it identifies the
+        // escalation); the notice says why it came to the default owner.
+        let note = format!("{} reached the daily cap of {cap} escalations", e.owner);
+        tracing::info!(customer = %e.customer_id, rule = %e.rule, "Escalation overflows to the default owner: {note}.");
         e.owner = default_owner.to_string();
         if let Value::Object(m) = &mut e.notice {
             m.insert("owner".into(), Value::String(default_owner.to_string()));
-            m.insert("reason".into(), Value::String(e.reason.clone()));
+            m.insert("overflow".into(), Value::String(note));
         }
     }
 }

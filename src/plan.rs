@@ -105,6 +105,9 @@ pub struct EscalationPayload {
     /// 0 for the first notice; n for the n-th reminder.
     #[serde(default)]
     pub reminder: u32,
+    /// Why it came to the default owner instead of the customer's owner.
+    #[serde(default)]
+    pub overflow: Option<String>,
 }
 
 /// Payload of a webhook call.

@@ -445,6 +445,10 @@ impl Deliverer {
         ctx.insert("escalation_id".into(), Value::from(p.escalation_id));
         ctx.insert("facts".into(), Value::Object(p.facts.clone()));
         ctx.insert("reminder".into(), Value::from(p.reminder));
+        ctx.insert(
+            "overflow".into(),
+            p.overflow.clone().map_or(Value::Null, Value::String),
+        );
         let rendered = self.render(ESCALATION_TEMPLATE, &Value::Object(ctx))?;
         let envelope = Envelope {
             from: &self.from,

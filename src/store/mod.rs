@@ -132,8 +132,8 @@ pub struct PlanCommit {
     pub errors: Vec<RuleErrorRecord>,
     /// The run's summary so far (evaluation counts); stored as JSON.
     pub summary: Value,
-    /// Blast-radius guard and the number of customers evaluated.
-    pub guard: Option<(crate::policy::GuardConfig, u64)>,
+    /// Rules whose new emails the blast-radius guard holds, with the reason.
+    pub hold: BTreeMap<String, String>,
     /// Decisions to record in the audit trail.
     pub decisions: Vec<Decision>,
 }

@@ -458,26 +458,24 @@ impl Store for SqliteStore {
             }
         }
 
-        // The blast-radius guard: a rule about to mail too many customers
-        // in this run has its emails held for approval.
+        // The blast-radius guard (decided by the pipeline): the rule's new
+        // emails of this run wait for approval.
         let mut held = BTreeMap::new();
-        if let Some((guard, customers)) = &plan.guard {
-            for (rule, n) in &new_emails {
-                if guard.holds(*n, *customers) {
-                    sqlx::query(
-                        "UPDATE actions SET status = 'held', last_error = ?
-                         WHERE run_id = ? AND rule = ? AND kind = 'email' AND status = 'pending'",
-                    )
-                    .bind(format!(
-                        "held by the blast-radius guard: {n} of {customers} customers in one run"
-                    ))
-                    .bind(run_id)
-                    .bind(*rule)
-                    .execute(&mut *tx)
-                    .await?;
-                    held.insert((*rule).to_owned(), *n);
-                }
+        for (rule, reason) in &plan.hold {
+            let n = new_emails.get(rule.as_str()).copied().unwrap_or(0);
+            if n == 0 {
+                continue;
             }
+            sqlx::query(
+                "UPDATE actions SET status = 'held', last_error = ?
+                 WHERE run_id = ? AND rule = ? AND kind = 'email' AND status = 'pending'",
+            )
+            .bind(reason)
+            .bind(run_id)
+            .bind(rule)
+            .execute(&mut *tx)
+            .await?;
+            held.insert(rule.clone(), n);
         }
         if !held.is_empty() {
             sqlx::query("UPDATE runs SET status = 'held' WHERE id = ?")
@@ -918,7 +916,8 @@ impl Store for SqliteStore {
         before: DateTime<Utc>,
     ) -> StoreResult<Vec<EscalationRecord>> {
         let rows = sqlx::query(
-            "SELECT * FROM escalations WHERE status = 'open' AND notified_at < ? ORDER BY id",
+            "SELECT * FROM escalations
+             WHERE status = 'open' AND recovered_at IS NULL AND notified_at < ? ORDER BY id",
         )
         .bind(to_millis(before))
         .fetch_all(&self.pool)
@@ -936,6 +935,16 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let at_ms = to_millis(at);
         let mut tx = self.immediate().await?;
+        // Still open and unacknowledged now, inside the transaction?
+        let open: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM escalations WHERE id = ? AND status = 'open'")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if open.is_none() {
+            tx.commit().await?;
+            return Ok(false);
+        }
         // A copy of the first notice, marked as reminder n, to `to`.
         let inserted = sqlx::query(
             "INSERT INTO actions (run_id, customer_id, rule, kind, dedup_key, payload, status,

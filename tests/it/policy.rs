@@ -374,13 +374,23 @@ async fn escalations_overflow_capped_owners_remind_the_lead_and_record_recovery(
         "success@acme.test",
         "over the owner's daily cap"
     );
+    assert_eq!(
+        by("d2")["reason"],
+        "NPS detractor: scored 3 on 2026-06-14T11:00:00Z",
+        "the reason stays as the rule wrote it"
+    );
+    let notice = app
+        .smtp
+        .messages()
+        .into_iter()
+        .find(|m| m.rcpt_to[0] == "success@acme.test" && m.subject().contains("Dee Two"))
+        .expect("the overflow notice went to the default owner");
     assert!(
-        by("d2")["reason"]
-            .as_str()
-            .unwrap()
-            .contains("csm@acme.test reached the daily cap of 1"),
+        notice
+            .text_body()
+            .contains("instead of the customer's owner: csm@acme.test reached the daily cap of 1"),
         "{}",
-        by("d2")
+        notice.text_body()
     );
     // d2's escalation is acknowledged; d1's is not.
     let id = by("d2")["id"].as_i64().unwrap().to_string();
@@ -389,7 +399,8 @@ async fn escalations_overflow_capped_owners_remind_the_lead_and_record_recovery(
         0
     );
 
-    // Three days later: Stan logged in (recovered), d1 gets a reminder to the lead.
+    // Three days later: Stan logged in (recovered: no reminder), d1 gets a
+    // reminder to the lead.
     app.import_events(&(track("stall", "login", "2026-06-17T10:00:00Z", json!({})) + "\n"))
         .await;
     let before = app.smtp.count();
@@ -404,8 +415,8 @@ async fn escalations_overflow_capped_owners_remind_the_lead_and_record_recovery(
         .collect();
     assert_eq!(
         reminders.len(),
-        2,
-        "d1 and Stan's were not acknowledged: {new:?}"
+        1,
+        "only d1's: d2's was acknowledged and Stan recovered: {new:?}"
     );
     assert!(reminders.iter().any(|(_, body)| body.contains("Dee One")));
     assert!(reminders[0].1.contains("Reminder"), "{}", reminders[0].1);
@@ -642,4 +653,50 @@ async fn the_send_window_is_checked_again_when_mail_would_really_go_out() {
         "{welcome:?}"
     );
     assert!(welcome.next_attempt_at > chrono::Utc::now() + chrono::Duration::minutes(100));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guard_judges_what_a_rule_wants_to_send_so_the_cap_cannot_let_it_trickle_out() {
+    let app = TestApp::new().await;
+    app.write(
+        "rules/blast.rhai",
+        "// @priority -1\nsend_email(\"winback\", #{ key: \"blast\", days_inactive: 0 });\n",
+    );
+    app.write_config("[policy]\nfrequency_cap = { emails = 1, days = 3 }\n");
+    let mut csv = String::from("id,email,created_at\n");
+    for i in 0..150 {
+        csv.push_str(&format!(
+            "c{i:03},c{i:03}@example.com,2026-06-14T20:00:00Z\n"
+        ));
+    }
+    app.import_customers(&csv).await;
+    // The preview says it would be held, and writes nothing.
+    let dry = app
+        .engaged(&["run", "--now", NOW, "--dry-run", "--json"])
+        .await
+        .json();
+    assert_eq!(dry["rules"]["blast"]["held"], 150, "{}", dry["rules"]);
+    // The real run: the cap defers blast behind the welcome, and the guard
+    // still holds it, so it cannot go out over the next nights.
+    let s = app.run_at(NOW).await;
+    assert_eq!(s["rules"]["blast"]["capped"], 150);
+    let runs = app.engaged(&["runs", "--json"]).await.json();
+    assert_eq!(runs[0]["status"], "held", "{runs}");
+    assert_eq!(runs[0]["held"]["welcome"], 150);
+    // Nights later the blast still wants everyone: whatever the cap lets
+    // through is held too, so none of it is ever sent without approval.
+    let s = app.run_at("2026-06-19T02:00:00Z").await;
+    assert_eq!(
+        s["rules"]["blast"]["planned"].as_u64().unwrap(),
+        s["rules"]["blast"]["held"].as_u64().unwrap(),
+        "{}",
+        s["rules"]
+    );
+    assert!(
+        app.smtp
+            .messages()
+            .iter()
+            .all(|m| !m.subject().starts_with("We miss you")),
+        "nothing of the blast was sent"
+    );
 }
