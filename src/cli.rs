@@ -1133,6 +1133,10 @@ async fn explain(
     let history = app.store.actions_for_customer(&id).await?;
     let escalations = app.store.escalations_for_customer(&id).await?;
     let decisions = app.store.decisions_for_customer(&id).await?;
+    let suppression = match &facts.customer.email {
+        Some(e) => app.store.suppression(e.as_str()).await?,
+        None => None,
+    };
     let mut outcomes = Vec::new();
     for rule in rules.rules() {
         let (result, reads) = rules.explain(rule, &facts);
@@ -1161,7 +1165,14 @@ async fn explain(
                                 format!("already planned in run {} ({})", h.run_id, h.status)
                             }
                             (None, Some(e)) => format!("escalation {} is already open", e.id),
-                            (None, None) => "new: the next run would do it".into(),
+                            (None, None) => match (&a.kind, &suppression) {
+                                (crate::plan::ActionRequest::Email { .. }, Some(reason)) => {
+                                    format!(
+                                        "new, but not sent: the address is suppressed ({reason})"
+                                    )
+                                }
+                                _ => "new: the next run would do it".into(),
+                            },
                         };
                         serde_json::json!({"action": a.kind, "status": status})
                     })

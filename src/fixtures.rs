@@ -15,7 +15,8 @@
 //!
 //! An expectation names one action: `{ email = "TEMPLATE", key = "K" }`
 //! (key optional), `{ escalate = "text the reason contains" }`,
-//! `{ tag = "NAME" }` or `{ webhook = "NAME" }`.
+//! `{ tag = "NAME" }` or `{ webhook = "NAME" }`, optionally with
+//! `rule = "ID"` when a case runs several rules.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -87,6 +88,8 @@ fn one() -> u32 {
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct Expect {
+    /// Only an action of this rule matches (default: any of the case's rules).
+    rule: Option<String>,
     email: Option<String>,
     key: Option<String>,
     escalate: Option<String>,
@@ -96,6 +99,14 @@ struct Expect {
 
 impl Expect {
     fn describe(&self) -> String {
+        let what = self.describe_action();
+        match &self.rule {
+            Some(r) => format!("{what}  [rule {r}]"),
+            None => what,
+        }
+    }
+
+    fn describe_action(&self) -> String {
         match (&self.email, &self.escalate, &self.tag, &self.webhook) {
             (Some(t), ..) => match &self.key {
                 Some(k) => format!("email {t} (key {k})"),
@@ -108,7 +119,10 @@ impl Expect {
         }
     }
 
-    fn matches(&self, a: &ActionRequest) -> bool {
+    fn matches(&self, rule: &str, a: &ActionRequest) -> bool {
+        if self.rule.as_deref().is_some_and(|r| r != rule) {
+            return false;
+        }
         match a {
             ActionRequest::Email { template, key, .. } => {
                 self.email.as_deref() == Some(template)
@@ -281,7 +295,7 @@ fn run_case(case: &Case, stem: &str, rules: &RuleSet) -> Result<(), String> {
     for e in &case.expect {
         match unmatched
             .iter_mut()
-            .find(|a| a.is_some_and(|(_, act)| e.matches(act)))
+            .find(|a| a.is_some_and(|(rule, act)| e.matches(rule, act)))
         {
             Some(slot) => *slot = None,
             None => missing.push(e.describe()),

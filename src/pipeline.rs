@@ -411,8 +411,13 @@ pub async fn run(
     }
     if let Some(window) = opts.policy.window().ok().flatten() {
         let fallback = opts.policy.default_tz().unwrap_or(chrono_tz::UTC);
-        for rule in apply_send_window(window, fallback, opts.now, &mut eval.outgoing) {
-            summary.rules.entry(rule).or_default().waiting_for_window += 1;
+        for d in apply_send_window(window, fallback, opts.now, &mut eval.outgoing) {
+            summary
+                .rules
+                .entry(d.rule.clone())
+                .or_default()
+                .waiting_for_window += 1;
+            decisions.push(d);
         }
     }
     if opts.escalation.owner_daily_cap > 0 {
@@ -746,7 +751,7 @@ fn apply_send_window(
     fallback: chrono_tz::Tz,
     now: DateTime<Utc>,
     outgoing: &mut [Outgoing],
-) -> Vec<String> {
+) -> Vec<Decision> {
     let mut waiting = Vec::new();
     for o in outgoing.iter_mut() {
         if let Outgoing::Action(a) = o
@@ -760,7 +765,13 @@ fn apply_send_window(
                 .unwrap_or(fallback);
             if let Some(open) = window.next_open(now, tz) {
                 a.not_before = Some(open);
-                waiting.push(a.rule.clone());
+                waiting.push(Decision {
+                    customer_id: a.customer_id.clone(),
+                    rule: a.rule.clone(),
+                    subject: format!("email {}", a.subject),
+                    decision: "outside window".into(),
+                    reason: format!("planned outside the send window; waits until {open}"),
+                });
             }
         }
     }

@@ -643,6 +643,24 @@ impl Store for SqliteStore {
     ) -> StoreResult<u64> {
         let at_ms = to_millis(at);
         let mut tx = self.immediate().await?;
+        // The audit trail keeps the decision after the action moves on.
+        sqlx::query(
+            "INSERT INTO decisions (run_id, customer_id, rule, subject, decision, reason, at)
+             SELECT run_id, customer_id, rule, 'email ' || json_extract(payload, '$.template'),
+                    ?1, ?2, ?3
+             FROM actions WHERE run_id = ?4 AND status = 'held' AND (?5 IS NULL OR rule = ?5)",
+        )
+        .bind(if approve { "approved" } else { "rejected" })
+        .bind(if approve {
+            "released after the blast-radius guard held it"
+        } else {
+            "dropped after the blast-radius guard held it"
+        })
+        .bind(at_ms)
+        .bind(run_id)
+        .bind(rule)
+        .execute(&mut *tx)
+        .await?;
         let n = if approve {
             sqlx::query(
                 "UPDATE actions SET status = 'pending', next_attempt_at = MAX(next_attempt_at, ?1),

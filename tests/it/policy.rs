@@ -186,6 +186,22 @@ async fn the_blast_radius_guard_holds_a_rule_that_would_mail_everyone_until_appr
         .unwrap();
     let blast = c0.iter().find(|a| a.rule == "blast").unwrap();
     assert_eq!(blast.status, "rejected");
+    // The audit trail keeps both decisions after the welcome was sent.
+    let decided: Vec<(String, String)> = store
+        .decisions_for_customer(&engaged::domain::CustomerId::parse("c000").unwrap())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.rule, d.decision))
+        .collect();
+    assert!(
+        decided.contains(&("welcome".into(), "approved".into())),
+        "{decided:?}"
+    );
+    assert!(
+        decided.contains(&("blast".into(), "rejected".into())),
+        "{decided:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -278,6 +294,17 @@ async fn marketing_mail_waits_for_the_customers_send_window() {
         .unwrap();
     let summary = daemon.run_next_firing().await.unwrap().unwrap();
     assert_eq!(summary.rules["welcome"].waiting_for_window, 2);
+    let zagreb = store
+        .decisions_for_customer(&engaged::domain::CustomerId::parse("zagreb").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(zagreb[0].decision, "outside window");
+    assert!(
+        zagreb[0]
+            .reason
+            .contains("waits until 2027-06-15 07:00:00 UTC"),
+        "{zagreb:?}"
+    );
     let sent_by = |when: &str| {
         let daemon = Arc::clone(&daemon);
         let clock = Arc::clone(&clock);
@@ -501,6 +528,19 @@ async fn explain_answers_why_a_customer_did_or_did_not_get_an_email() {
 
     let c2 = explain("c2").await;
     assert_eq!(c2["decisions"][0]["decision"], "suppressed");
+    let welcome_now = c2["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule"] == "welcome")
+        .unwrap();
+    assert!(
+        welcome_now["actions"][0]["status"]
+            .as_str()
+            .unwrap()
+            .contains("suppressed (complained)"),
+        "{welcome_now}"
+    );
     assert!(
         c2["decisions"][0]["reason"]
             .as_str()
