@@ -101,11 +101,17 @@ pub async fn simulate(
             message: e,
         }
     })?;
-    let open: HashSet<(String, String)> = store
-        .escalations(true)
-        .await?
+    let all = store.escalations(false).await?;
+    let open: HashSet<(String, String)> = all
+        .iter()
+        .filter(|e| e.status == "open" || e.status == "acknowledged")
+        .map(|e| (e.customer_id.clone(), e.rule.clone()))
+        .collect();
+    // A resolved escalation is not reopened for the same reason.
+    let resolved: HashSet<(String, String, String)> = all
         .into_iter()
-        .map(|e| (e.customer_id, e.rule))
+        .filter(|e| e.status == "resolved")
+        .map(|e| (e.customer_id, e.rule, e.reason))
         .collect();
     let mut ledger = Ledger {
         keys: HashSet::new(),
@@ -191,7 +197,9 @@ pub async fn simulate(
                 }
                 Outgoing::Escalation(e) => {
                     let pair = (e.customer_id.to_string(), e.rule.clone());
-                    if ledger.open.insert(pair) {
+                    let was_resolved =
+                        resolved.contains(&(pair.0.clone(), pair.1.clone(), e.reason.clone()));
+                    if !was_resolved && ledger.open.insert(pair) {
                         out.push(happening(at, &schedule, o, None));
                     }
                 }

@@ -71,3 +71,31 @@ fn every_rhai_example_in_rules_md_compiles_and_runs() {
         }
     }
 }
+
+#[test]
+fn the_template_example_in_rules_md_loads_and_renders() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/RULES.md")).unwrap();
+    let start = text.find("```text\n---\n").expect("a template example");
+    let body = &text[start + "```text\n".len()..];
+    let body = &body[..body.find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("example.txt"), body).unwrap();
+    let (templates, errors) = engaged::templates::Templates::load(dir.path());
+    assert!(errors.is_empty(), "{errors:?}");
+    let rendered = templates
+        .render(
+            "example",
+            &json!({
+                "customer": {"first_name": "Ana", "name": "Ana Novak"},
+                "orders": 3,
+                "unsubscribe_url": "https://engage.example/unsubscribe/t",
+            }),
+        )
+        .unwrap();
+    assert_eq!(rendered.subject, "Welcome aboard, Ana!");
+    assert!(
+        rendered.text.contains("You have 3 orders."),
+        "{}",
+        rendered.text
+    );
+}
