@@ -580,8 +580,55 @@ async fn metrics_parse_as_prometheus_text_and_health_endpoints_answer() {
         .unwrap();
     assert_eq!(denied.status(), 401);
 
-    // Suppressions over the admin API (a provider's complaint feedback loop).
+    // Escalations over the admin API: list, acknowledge, resolve.
+    app.import_customers("id,email,created_at\nstall,s@example.com,2026-06-05T00:00:00Z\n")
+        .await;
     let admin = format!("Bearer {ADMIN_TOKEN}");
+    // A new manual firing needs a new moment (one per schedule and time).
+    d.clock.set(at(NOW) + chrono::Duration::minutes(1));
+    client()
+        .post(format!("{}/admin/runs", d.base))
+        .header("Authorization", &admin)
+        .send()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let id = loop {
+        let list: Value = client()
+            .get(format!("{}/admin/escalations", d.base))
+            .header("Authorization", &admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(id) = list[0]["id"].as_i64() {
+            assert_eq!(list[0]["customer_id"], "stall");
+            break id;
+        }
+        assert!(Instant::now() < deadline, "no escalation appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for (action, status, code) in [
+        ("acknowledge", "acknowledged", 200),
+        ("acknowledge", "", 404),
+        ("resolve", "resolved", 200),
+        ("resolve", "", 404),
+    ] {
+        let r = client()
+            .post(format!("{}/admin/escalations/{id}/{action}", d.base))
+            .header("Authorization", &admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), code, "{action}");
+        if code == 200 {
+            assert_eq!(r.json::<Value>().await.unwrap()["status"], status);
+        }
+    }
+
+    // Suppressions over the admin API (a provider's complaint feedback loop).
     let r = client()
         .post(format!("{}/admin/suppressions", d.base))
         .header("Authorization", &admin)
