@@ -231,7 +231,9 @@ pub fn build_engine(known: Known) -> Engine {
         .set_max_functions(200)
         .set_max_modules(0)
         .set_strict_variables(true)
-        .set_fail_on_invalid_map_property(false);
+        .set_fail_on_invalid_map_property(false)
+        // Let the comparison guards below take part in operator resolution.
+        .set_fast_operators(false);
     engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
     engine.disable_symbol("eval");
     engine.disable_symbol("import");
@@ -276,6 +278,7 @@ pub fn build_engine(known: Known) -> Engine {
         }
         Ok(None)
     });
+    register_comparison_guards(&mut engine);
     value::register_timestamp(&mut engine);
     api::register(&mut engine, known);
     engine
@@ -469,6 +472,53 @@ impl RuleSet {
     /// The customer map rules see (for `explain`).
     pub fn customer_value(facts: &Facts) -> Dynamic {
         value::customer_to_dynamic(facts)
+    }
+}
+
+/// Rhai answers `false` when a number is compared with `()` or a string
+/// with `<`, `>`…, which hides missing data (`days_since("login") > 30` for a
+/// customer who never logged in). These overloads make it an error that
+/// says what was expected. `==` and `!=` with `()` stay allowed: that is how
+/// rules test for missing data.
+fn register_comparison_guards(engine: &mut Engine) {
+    fn missing(op: &str) -> Box<EvalAltResult> {
+        format!(
+            "`{op}` compares a number with () (missing data, e.g. days_since of an event that never happened); test `x != ()` first"
+        )
+        .into()
+    }
+    fn text(op: &str) -> Box<EvalAltResult> {
+        format!("`{op}` compares a number with a string; expected two numbers").into()
+    }
+    for op in ["<", "<=", ">", ">="] {
+        engine.register_fn(
+            op,
+            move |_: i64, _: ()| -> Result<bool, Box<EvalAltResult>> { Err(missing(op)) },
+        );
+        engine.register_fn(
+            op,
+            move |_: (), _: i64| -> Result<bool, Box<EvalAltResult>> { Err(missing(op)) },
+        );
+        engine.register_fn(
+            op,
+            move |_: f64, _: ()| -> Result<bool, Box<EvalAltResult>> { Err(missing(op)) },
+        );
+        engine.register_fn(
+            op,
+            move |_: (), _: f64| -> Result<bool, Box<EvalAltResult>> { Err(missing(op)) },
+        );
+        engine.register_fn(
+            op,
+            move |_: i64, _: rhai::ImmutableString| -> Result<bool, Box<EvalAltResult>> {
+                Err(text(op))
+            },
+        );
+        engine.register_fn(
+            op,
+            move |_: rhai::ImmutableString, _: i64| -> Result<bool, Box<EvalAltResult>> {
+                Err(text(op))
+            },
+        );
     }
 }
 
