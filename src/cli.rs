@@ -281,6 +281,25 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
 }
 
 impl App {
+    /// Like `open`, for commands that must not write: an SQLite database
+    /// that does not exist yet is an error instead of being created.
+    async fn open_existing(config_path: Option<&Path>) -> Result<Self> {
+        let config = load_config(config_path)?;
+        if let Some(path) = config
+            .database
+            .url
+            .strip_prefix("sqlite://")
+            .or_else(|| config.database.url.strip_prefix("sqlite:"))
+            .map(|p| p.split('?').next().unwrap_or(p))
+            && !path.is_empty()
+            && path != ":memory:"
+            && !Path::new(path).exists()
+        {
+            bail!("there is no database at {path} yet; import customers and events first");
+        }
+        Self::open(config_path).await
+    }
+
     async fn open(config_path: Option<&Path>) -> Result<Self> {
         let config = load_config(config_path)?;
         let store = store::open(&config.database.url).await.with_context(|| {
@@ -356,7 +375,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Run { now, dry_run, json } => {
-            let app = App::open(cli.config.as_deref()).await?;
+            let app = if dry_run {
+                App::open_existing(cli.config.as_deref()).await?
+            } else {
+                App::open(cli.config.as_deref()).await?
+            };
             let summary = run(&app, now.unwrap_or_else(Utc::now), dry_run, "cli").await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -377,7 +400,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             now,
             json,
         } => {
-            let app = App::open(cli.config.as_deref()).await?;
+            let app = App::open_existing(cli.config.as_deref()).await?;
             simulate(
                 &app,
                 days,
@@ -393,7 +416,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             customers,
             json,
         } => {
-            let app = App::open(cli.config.as_deref()).await?;
+            let app = App::open_existing(cli.config.as_deref()).await?;
             plan(
                 &app,
                 now.unwrap_or_else(Utc::now),

@@ -681,6 +681,10 @@ fn runtime_error(
             format!("calls nested deeper than {MAX_CALL_LEVELS} levels (endless recursion?)")
         }
         EvalAltResult::ErrorRuntime(value, _) => value.to_string(),
+        EvalAltResult::ErrorDotExpr(what, _) if what.contains("Timestamp") => format!(
+            "{}; a Timestamp has .year .month .day .hour .minute .weekday .unix",
+            strip_position(what)
+        ),
         EvalAltResult::ErrorFunctionNotFound(signature, _) => {
             let name = signature.split([' ', '(']).next().unwrap_or_default();
             let mut expected: Vec<&str> = signatures

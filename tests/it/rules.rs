@@ -400,3 +400,32 @@ fn comparing_missing_data_or_text_with_a_number_is_an_error_that_says_so() {
         }]
     );
 }
+
+#[test]
+fn an_unknown_timestamp_property_lists_the_ones_that_exist() {
+    let f = facts(&[]);
+    let e = eval("let y = now.yeer;", &f).unwrap_err();
+    assert!(
+        e.contains("'yeer'") && e.contains("a Timestamp has .year .month .day"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn previews_refuse_to_create_a_database_that_does_not_exist() {
+    let app = TestApp::new().await;
+    for args in [
+        vec!["plan"],
+        vec!["run", "--dry-run"],
+        vec!["simulate", "--days", "2", "--all"],
+    ] {
+        let r = app.engaged(&args).await;
+        assert_eq!(r.code, 2, "{args:?}");
+        assert!(
+            r.stderr.contains("no database at"),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+    assert!(!app.path("engaged.db").exists(), "nothing was created");
+}
