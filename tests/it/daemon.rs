@@ -527,7 +527,10 @@ async fn metrics_parse_as_prometheus_text_and_health_endpoints_answer() {
             .text()
             .await
             .unwrap();
-        if text.contains("engaged_actions_sent_total{kind=\"email\"} 1")
+        // The counter moves when the server accepts; the outbox gauge when
+        // the outcome is recorded (group commit, within 20 ms): wait for both.
+        if (text.contains("engaged_actions_sent_total{kind=\"email\"} 1")
+            && text.contains("engaged_outbox_depth{status=\"sent\"} 1"))
             || Instant::now() > wait_until
         {
             break text;
