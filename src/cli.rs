@@ -1160,6 +1160,36 @@ async fn explain(
         Some(e) => app.store.suppression(e.as_str()).await?,
         None => None,
     };
+    // What the policies would do with a new marketing email for this customer now.
+    let over_cap = match app.config.policy.frequency_cap {
+        Some(cap) => {
+            let since = now - chrono::Duration::days(i64::from(cap.days));
+            let recent = app
+                .store
+                .recent_email_counts(std::slice::from_ref(&id), since)
+                .await?
+                .get(&id)
+                .copied()
+                .unwrap_or(0);
+            (recent >= cap.emails).then(|| {
+                format!(
+                    "over the frequency cap ({recent} emails in the last {} days; at most {})",
+                    cap.days, cap.emails
+                )
+            })
+        }
+        None => None,
+    };
+    let window_wait = app.config.policy.window().ok().flatten().and_then(|w| {
+        let tz = facts
+            .customer
+            .timezone
+            .as_deref()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| app.config.policy.default_tz().unwrap_or(chrono_tz::UTC));
+        w.next_open(now, tz)
+            .map(|t| format!("would wait for the send window until {t}"))
+    });
     let mut outcomes = Vec::new();
     for rule in rules.rules() {
         let (result, reads) = rules.explain(rule, &facts);
@@ -1188,11 +1218,15 @@ async fn explain(
                                 format!("already planned in run {} ({})", h.run_id, h.status)
                             }
                             (None, Some(e)) => format!("escalation {} is already open", e.id),
-                            (None, None) => match (&a.kind, &suppression) {
-                                (crate::plan::ActionRequest::Email { .. }, Some(reason)) => {
-                                    format!(
-                                        "new, but not sent: the address is suppressed ({reason})"
-                                    )
+                            (None, None) => match (&a.kind, &suppression, &over_cap, &window_wait) {
+                                (crate::plan::ActionRequest::Email { .. }, Some(reason), ..) => {
+                                    format!("new, but not sent: the address is suppressed ({reason})")
+                                }
+                                (crate::plan::ActionRequest::Email { .. }, None, Some(cap), _) => {
+                                    format!("new, but {cap}: deferred or dropped per the rule's @when_capped")
+                                }
+                                (crate::plan::ActionRequest::Email { .. }, None, None, Some(w)) => {
+                                    format!("new: the next run would plan it; it {w}")
                                 }
                                 _ => "new: the next run would do it".into(),
                             },

@@ -518,6 +518,19 @@ async fn explain_answers_why_a_customer_did_or_did_not_get_an_email() {
         vip["server_reply"].as_str().unwrap().starts_with("250"),
         "{vip}"
     );
+    let news_now = c1["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule"] == "news")
+        .unwrap();
+    assert!(
+        news_now["actions"][0]["status"]
+            .as_str()
+            .unwrap()
+            .contains("over the frequency cap (1 emails in the last 3 days; at most 1)"),
+        "{news_now}"
+    );
     let news = &c1["decisions"][0];
     assert_eq!(news["rule"], "news");
     assert_eq!(news["decision"], "deferred");
