@@ -425,14 +425,7 @@ pub async fn run(
         let counts = store.owner_escalation_counts(since).await?;
         // Re-fires of escalations already open open nothing new: they do
         // not count against an owner's cap.
-        let pairs: Vec<(CustomerId, String)> = eval
-            .outgoing
-            .iter()
-            .filter_map(|o| match o {
-                Outgoing::Escalation(e) => Some((e.customer_id.clone(), e.rule.clone())),
-                Outgoing::Action(_) => None,
-            })
-            .collect();
+        let pairs = escalation_pairs(&eval.outgoing);
         let open = store.open_escalation_pairs(&pairs).await?;
         overflow_owners(
             &mut eval.outgoing,
@@ -530,6 +523,17 @@ pub async fn run(
         )
         .await?;
     Ok(summary)
+}
+
+/// The (customer, rule) of every escalation in a plan.
+fn escalation_pairs(outgoing: &[Outgoing]) -> Vec<(CustomerId, String)> {
+    outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Escalation(e) => Some((e.customer_id.clone(), e.rule.clone())),
+            Outgoing::Action(_) => None,
+        })
+        .collect()
 }
 
 /// The blast-radius guard: rules whose new emails in this run would reach
@@ -829,14 +833,7 @@ async fn mark_dry_run_duplicates(
         })
         .collect();
     let existing = store.existing_dedup_keys(&keys).await?;
-    let pairs: Vec<(CustomerId, String)> = eval
-        .outgoing
-        .iter()
-        .filter_map(|o| match o {
-            Outgoing::Escalation(e) => Some((e.customer_id.clone(), e.rule.clone())),
-            Outgoing::Action(_) => None,
-        })
-        .collect();
+    let pairs = escalation_pairs(&eval.outgoing);
     let open = store.open_escalation_pairs(&pairs).await?;
     let mut seen = std::collections::HashSet::new();
     for o in &eval.outgoing {
