@@ -1258,6 +1258,9 @@ async fn explain(
             "server_reply": h.payload.get("delivery"),
             "planned_at": h.created_at, "finished_at": h.finished_at,
             "due_at": (h.status == "pending").then_some(h.next_attempt_at),
+            "deduplicated": (h.repeats > 0).then(|| serde_json::json!({
+                "times": h.repeats, "last_run": h.repeated_run, "last_at": h.repeated_at,
+            })),
         })).collect::<Vec<_>>(),
         "decisions": decisions,
         "escalations": escalations,
@@ -1333,10 +1336,19 @@ fn print_explain(r: &serde_json::Value) {
         if let Some(reason) = h["reason"].as_str() {
             line.push_str(&format!(" — {reason}"));
         }
+        let dedup = &h["deduplicated"];
+        if !dedup.is_null() {
+            line.push_str(&format!(
+                "; deduplicated {} time(s) since, last by run {} at {}",
+                dedup["times"],
+                dedup["last_run"],
+                dedup["last_at"].as_str().unwrap_or("?")
+            ));
+        }
         println!("{line}");
     }
     for d in r["decisions"].as_array().into_iter().flatten() {
-        println!(
+        let mut line = format!(
             "  run {} {} {}: {} — {}",
             d["run_id"],
             d["rule"].as_str().unwrap_or(""),
@@ -1344,6 +1356,14 @@ fn print_explain(r: &serde_json::Value) {
             d["decision"].as_str().unwrap_or(""),
             d["reason"].as_str().unwrap_or("")
         );
+        if d["times"].as_u64().is_some_and(|n| n > 1) {
+            line.push_str(&format!(
+                " ({} runs since {})",
+                d["times"],
+                d["first_at"].as_str().unwrap_or("?")
+            ));
+        }
+        println!("{line}");
     }
     for e in r["escalations"].as_array().into_iter().flatten() {
         println!(

@@ -368,7 +368,7 @@ pub async fn run(
         .only_rules
         .as_ref()
         .map(|r| Arc::new(r.iter().cloned().collect()));
-    let mut eval = evaluate(
+    let eval = evaluate(
         &*store,
         Arc::clone(&rules),
         only.clone(),
@@ -394,87 +394,23 @@ pub async fn run(
         ..Default::default()
     };
 
-    // The guard judges what each rule wants to send (before suppressions and
-    // the cap trim it), so a bad edit cannot trickle out under the cap.
-    let hold = guard_decision(&*store, &eval.outgoing, summary.customers, &opts.guard).await?;
-    let mut decisions = drop_suppressed(&*store, &mut eval.outgoing).await?;
-    for d in &decisions {
-        summary.rules.entry(d.rule.clone()).or_default().suppressed += 1;
-    }
-    if let Some(cap) = opts.policy.frequency_cap {
-        let (capped, deferred) =
-            apply_frequency_cap(&*store, &rules, cap, opts.now, &mut eval.outgoing).await?;
-        for rule in capped {
-            summary.rules.entry(rule).or_default().capped += 1;
-        }
-        decisions.extend(deferred);
-    }
-    if let Some(window) = opts.policy.window().ok().flatten() {
-        let fallback = opts.policy.default_tz().unwrap_or(chrono_tz::UTC);
-        for d in apply_send_window(window, fallback, opts.now, &mut eval.outgoing) {
-            summary
-                .rules
-                .entry(d.rule.clone())
-                .or_default()
-                .waiting_for_window += 1;
-            decisions.push(d);
-        }
-    }
-    if opts.escalation.owner_daily_cap > 0 {
-        let since = opts.now - chrono::Duration::days(1);
-        let counts = store.owner_escalation_counts(since).await?;
-        // Re-fires of escalations already open open nothing new: they do
-        // not count against an owner's cap.
-        let pairs = escalation_pairs(&eval.outgoing);
-        let open = store.open_escalation_pairs(&pairs).await?;
-        overflow_owners(
-            &mut eval.outgoing,
-            &open,
-            counts,
-            opts.escalation.owner_daily_cap,
-            default_owner,
-        );
-    }
-    if opts.dry_run {
-        mark_dry_run_duplicates(&*store, &eval, &mut summary).await?;
-        for rule in hold.keys() {
-            let s = summary.rules.entry(rule.clone()).or_default();
-            s.held = s.emails;
-        }
-        return Ok(summary);
-    }
-    // What this run says about open escalations: which (customer, rule)
-    // pairs escalated again, and which could not be evaluated.
-    let escalated: HashSet<(String, String)> = eval
-        .outgoing
-        .iter()
-        .filter_map(|o| match o {
-            Outgoing::Escalation(e) => Some((e.customer_id.to_string(), e.rule.clone())),
-            Outgoing::Action(_) => None,
-        })
-        .collect();
-    let errored: HashSet<(String, String)> = eval
-        .errors
-        .iter()
-        .map(|e| (e.customer_id.to_string(), e.rule.clone()))
-        .collect();
-    let mut commit = PlanCommit {
-        trigger: opts.trigger.clone(),
-        now: opts.now,
+    let Some(Committed {
+        outcome,
+        escalated,
+        errored,
+    }) = plan_and_commit(
+        &*store,
+        &rules,
+        default_owner,
+        opts,
+        eval,
+        &mut summary,
         started_at,
-        errors: eval.errors,
-        summary: serde_json::to_value(&summary).unwrap_or(Value::Null),
-        hold,
-        decisions,
-        ..Default::default()
+    )
+    .await?
+    else {
+        return Ok(summary);
     };
-    for o in eval.outgoing {
-        match o {
-            Outgoing::Action(a) => commit.actions.push(a),
-            Outgoing::Escalation(e) => commit.escalations.push(e),
-        }
-    }
-    let outcome = store.commit_plan(commit).await?;
     summary.run_id = Some(outcome.run_id);
     for (rule, n) in &outcome.held {
         summary.rules.entry(rule.clone()).or_default().held = *n;
@@ -525,6 +461,186 @@ pub async fn run(
     Ok(summary)
 }
 
+/// What committing a plan did, and what it said about open escalations.
+struct Committed {
+    outcome: crate::store::CommitOutcome,
+    /// (customer, rule) pairs that escalated again in this run.
+    escalated: HashSet<(String, String)>,
+    /// (customer, rule) pairs that could not be evaluated.
+    errored: HashSet<(String, String)>,
+}
+
+/// Applies the policies to what the rules asked for and commits the plan;
+/// `None` for a dry run. A real run holds the planner lock meanwhile, so the
+/// ledger the policies read (caps, dedup, open escalations) is the one the
+/// commit writes to, even with another run planning next door.
+async fn plan_and_commit(
+    store: &dyn Store,
+    rules: &RuleSet,
+    default_owner: &Email,
+    opts: &RunOptions,
+    eval: Evaluation,
+    summary: &mut RunSummary,
+    started_at: DateTime<Utc>,
+) -> Result<Option<Committed>, StoreError> {
+    let lock = if opts.dry_run {
+        None
+    } else {
+        Some(PlannerLock::acquire(store).await?)
+    };
+    let result =
+        apply_policies_and_commit(store, rules, default_owner, opts, eval, summary, started_at)
+            .await;
+    if let Some(lock) = lock {
+        lock.release().await?;
+    }
+    result
+}
+
+async fn apply_policies_and_commit(
+    store: &dyn Store,
+    rules: &RuleSet,
+    default_owner: &Email,
+    opts: &RunOptions,
+    mut eval: Evaluation,
+    summary: &mut RunSummary,
+    started_at: DateTime<Utc>,
+) -> Result<Option<Committed>, StoreError> {
+    // Keys already in the ledger: those actions are deduplicated, so only
+    // the rest compete for the guard, the cap and the audit trail.
+    let keys: Vec<String> = eval
+        .outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Action(a) => Some(a.dedup_key.clone()),
+            Outgoing::Escalation(_) => None,
+        })
+        .collect();
+    let existing = store.existing_dedup_keys(&keys).await?;
+    // The guard judges what each rule wants to send (before suppressions and
+    // the cap trim it), so a bad edit cannot trickle out under the cap.
+    let hold = guard_decision(&eval.outgoing, &existing, summary.customers, &opts.guard);
+    let mut decisions = drop_suppressed(store, &existing, &mut eval.outgoing).await?;
+    for d in &decisions {
+        summary.rules.entry(d.rule.clone()).or_default().suppressed += 1;
+    }
+    if let Some(cap) = opts.policy.frequency_cap {
+        let (capped, deferred) =
+            apply_frequency_cap(store, rules, &existing, cap, opts.now, &mut eval.outgoing).await?;
+        for rule in capped {
+            summary.rules.entry(rule).or_default().capped += 1;
+        }
+        decisions.extend(deferred);
+    }
+    if let Some(window) = opts.policy.window().ok().flatten() {
+        let fallback = opts.policy.default_tz().unwrap_or(chrono_tz::UTC);
+        for d in apply_send_window(window, fallback, opts.now, &existing, &mut eval.outgoing) {
+            summary
+                .rules
+                .entry(d.rule.clone())
+                .or_default()
+                .waiting_for_window += 1;
+            decisions.push(d);
+        }
+    }
+    if opts.escalation.owner_daily_cap > 0 {
+        let since = opts.now - chrono::Duration::days(1);
+        let counts = store.owner_escalation_counts(since).await?;
+        // Re-fires of escalations already open open nothing new: they do
+        // not count against an owner's cap.
+        let pairs = escalation_pairs(&eval.outgoing);
+        let open = store.open_escalation_pairs(&pairs).await?;
+        overflow_owners(
+            &mut eval.outgoing,
+            &open,
+            counts,
+            opts.escalation.owner_daily_cap,
+            default_owner,
+        );
+    }
+    if opts.dry_run {
+        mark_dry_run_duplicates(store, &existing, &eval, summary).await?;
+        for rule in hold.keys() {
+            let s = summary.rules.entry(rule.clone()).or_default();
+            s.held = s.emails;
+        }
+        return Ok(None);
+    }
+    // What this run says about open escalations: which (customer, rule)
+    // pairs escalated again, and which could not be evaluated.
+    let escalated: HashSet<(String, String)> = eval
+        .outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Escalation(e) => Some((e.customer_id.to_string(), e.rule.clone())),
+            Outgoing::Action(_) => None,
+        })
+        .collect();
+    let errored: HashSet<(String, String)> = eval
+        .errors
+        .iter()
+        .map(|e| (e.customer_id.to_string(), e.rule.clone()))
+        .collect();
+    let mut commit = PlanCommit {
+        trigger: opts.trigger.clone(),
+        now: opts.now,
+        started_at,
+        errors: eval.errors,
+        summary: serde_json::to_value(&summary).unwrap_or(Value::Null),
+        hold,
+        decisions,
+        ..Default::default()
+    };
+    for o in eval.outgoing {
+        match o {
+            Outgoing::Action(a) => commit.actions.push(a),
+            Outgoing::Escalation(e) => commit.escalations.push(e),
+        }
+    }
+    let outcome = store.commit_plan(commit).await?;
+    Ok(Some(Committed {
+        outcome,
+        escalated,
+        errored,
+    }))
+}
+
+/// The planner lock, held from the policies to the commit of one run.
+struct PlannerLock<'a> {
+    store: &'a dyn Store,
+    holder: String,
+}
+
+impl<'a> PlannerLock<'a> {
+    /// Longer than any commit; a crashed holder's lock frees after it.
+    const LEASE: chrono::Duration = chrono::Duration::minutes(10);
+
+    async fn acquire(store: &'a dyn Store) -> Result<Self, StoreError> {
+        let holder = crate::unsubscribe::random_secret();
+        let mut pause = Duration::from_millis(20);
+        let mut told = false;
+        loop {
+            let now = Utc::now();
+            if store
+                .try_lock_planner(&holder, now, now + Self::LEASE)
+                .await?
+            {
+                return Ok(Self { store, holder });
+            }
+            if !told {
+                tracing::info!("Another run is applying its policies; waiting for it to commit.");
+                told = true;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn release(self) -> Result<(), StoreError> {
+        self.store.unlock_planner(&self.holder).await
+    }
+}
+
 /// The (customer, rule) of every escalation in a plan.
 fn escalation_pairs(outgoing: &[Outgoing]) -> Vec<(CustomerId, String)> {
     outgoing
@@ -538,29 +654,20 @@ fn escalation_pairs(outgoing: &[Outgoing]) -> Vec<(CustomerId, String)> {
 
 /// The blast-radius guard: rules whose new emails in this run would reach
 /// more customers than `guard` allows, with the reason recorded on them.
-async fn guard_decision(
-    store: &dyn Store,
+fn guard_decision(
     outgoing: &[Outgoing],
+    existing: &HashSet<String>,
     customers: u64,
     guard: &crate::policy::GuardConfig,
-) -> Result<BTreeMap<String, String>, StoreError> {
-    let emails: Vec<&NewAction> = outgoing
-        .iter()
-        .filter_map(|o| match o {
-            Outgoing::Action(a) if a.kind == OutboxKind::Email => Some(a),
-            _ => None,
-        })
-        .collect();
-    let keys: Vec<String> = emails.iter().map(|a| a.dedup_key.clone()).collect();
-    let existing = store.existing_dedup_keys(&keys).await?;
+) -> BTreeMap<String, String> {
     let mut reached: BTreeMap<&str, HashSet<&CustomerId>> = BTreeMap::new();
-    for a in emails.iter().filter(|a| !existing.contains(&a.dedup_key)) {
+    for a in new_emails(outgoing, existing) {
         reached
             .entry(a.rule.as_str())
             .or_default()
             .insert(&a.customer_id);
     }
-    Ok(reached
+    reached
         .into_iter()
         .filter(|(_, who)| guard.holds(who.len(), customers))
         .map(|(rule, who)| {
@@ -572,7 +679,20 @@ async fn guard_decision(
                 ),
             )
         })
-        .collect())
+        .collect()
+}
+
+/// The marketing emails of a plan that are not in the ledger yet.
+fn new_emails<'a>(
+    outgoing: &'a [Outgoing],
+    existing: &'a HashSet<String>,
+) -> impl Iterator<Item = &'a NewAction> {
+    outgoing.iter().filter_map(|o| match o {
+        Outgoing::Action(a) if a.kind == OutboxKind::Email && !existing.contains(&a.dedup_key) => {
+            Some(a)
+        }
+        _ => None,
+    })
 }
 
 /// Per-owner daily cap: escalations beyond it go to the default owner, and
@@ -662,20 +782,13 @@ async fn escalation_lifecycle(
 async fn apply_frequency_cap(
     store: &dyn Store,
     rules: &RuleSet,
+    existing: &HashSet<String>,
     cap: crate::policy::FrequencyCap,
     now: DateTime<Utc>,
     outgoing: &mut Vec<Outgoing>,
 ) -> Result<(Vec<String>, Vec<Decision>), StoreError> {
     use crate::policy::{CapDecision, RulePolicy, apply_cap};
     // Only emails that are new (not already in the ledger) compete for room.
-    let keys: Vec<String> = outgoing
-        .iter()
-        .filter_map(|o| match o {
-            Outgoing::Action(a) if a.kind == OutboxKind::Email => Some(a.dedup_key.clone()),
-            _ => None,
-        })
-        .collect();
-    let existing = store.existing_dedup_keys(&keys).await?;
     let mut per_customer: HashMap<CustomerId, Vec<usize>> = HashMap::new();
     for (i, o) in outgoing.iter().enumerate() {
         if let Outgoing::Action(a) = o
@@ -729,6 +842,7 @@ async fn apply_frequency_cap(
                         subject: format!("email {}", a.subject),
                         decision: "deferred".into(),
                         reason: format!("{reason}; planned again when there is room"),
+                        dedup_key: a.dedup_key.clone(),
                     });
                 }
                 false
@@ -754,6 +868,7 @@ fn apply_send_window(
     window: crate::policy::SendWindow,
     fallback: chrono_tz::Tz,
     now: DateTime<Utc>,
+    existing: &HashSet<String>,
     outgoing: &mut [Outgoing],
 ) -> Vec<Decision> {
     let mut waiting = Vec::new();
@@ -761,6 +876,7 @@ fn apply_send_window(
         if let Outgoing::Action(a) = o
             && a.kind == OutboxKind::Email
             && a.dropped.is_none()
+            && !existing.contains(&a.dedup_key)
         {
             let tz = a
                 .customer_timezone
@@ -775,6 +891,7 @@ fn apply_send_window(
                     subject: format!("email {}", a.subject),
                     decision: "outside window".into(),
                     reason: format!("planned outside the send window; waits until {open}"),
+                    dedup_key: a.dedup_key.clone(),
                 });
             }
         }
@@ -782,14 +899,18 @@ fn apply_send_window(
     waiting
 }
 
-/// Removes emails to suppressed addresses from the plan (checked again
-/// right before sending); returns the rule of each one removed.
+/// Removes new emails to suppressed addresses from the plan (checked again
+/// right before sending); returns the decision for each one removed. (One
+/// already in the ledger is deduplicated at commit, suppressed or not.)
 async fn drop_suppressed(
     store: &dyn Store,
+    existing: &HashSet<String>,
     outgoing: &mut Vec<Outgoing>,
 ) -> Result<Vec<Decision>, StoreError> {
     let email_of = |o: &Outgoing| match o {
-        Outgoing::Action(a) if a.kind == OutboxKind::Email => a.customer_email.clone(),
+        Outgoing::Action(a) if a.kind == OutboxKind::Email && !existing.contains(&a.dedup_key) => {
+            a.customer_email.clone()
+        }
         _ => None,
     };
     let emails: Vec<String> = outgoing.iter().filter_map(email_of).collect();
@@ -809,6 +930,7 @@ async fn drop_suppressed(
                 subject: kind_label(o).1,
                 decision: "suppressed".into(),
                 reason: format!("{e} is suppressed ({})", suppressed[&e.to_lowercase()]),
+                dedup_key: a.dedup_key.clone(),
             });
             false
         }
@@ -821,18 +943,10 @@ async fn drop_suppressed(
 /// reading (never writing) the ledger.
 async fn mark_dry_run_duplicates(
     store: &dyn Store,
+    existing: &HashSet<String>,
     eval: &Evaluation,
     summary: &mut RunSummary,
 ) -> Result<(), StoreError> {
-    let keys: Vec<String> = eval
-        .outgoing
-        .iter()
-        .filter_map(|o| match o {
-            Outgoing::Action(a) => Some(a.dedup_key.clone()),
-            Outgoing::Escalation(_) => None,
-        })
-        .collect();
-    let existing = store.existing_dedup_keys(&keys).await?;
     let pairs = escalation_pairs(&eval.outgoing);
     let open = store.open_escalation_pairs(&pairs).await?;
     let mut seen = std::collections::HashSet::new();

@@ -97,20 +97,29 @@ pub struct Decision {
     pub rule: String,
     /// What was decided about: `email welcome (key welcome)`.
     pub subject: String,
-    /// `suppressed` or `deferred`.
+    /// `suppressed`, `deferred` or `outside window`.
     pub decision: String,
     pub reason: String,
+    /// The action's dedup key: a decision repeated by later runs updates
+    /// its row (count, last run) instead of adding one per run.
+    pub dedup_key: String,
 }
 
 /// A decision as recorded.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DecisionRecord {
+    /// The last run that made this decision.
     pub run_id: i64,
     pub rule: String,
     pub subject: String,
     pub decision: String,
     pub reason: String,
+    /// When it was last made (the run's evaluation time).
     pub at: DateTime<Utc>,
+    /// When it was first made.
+    pub first_at: DateTime<Utc>,
+    /// How many runs made it.
+    pub times: u32,
 }
 
 /// A rule error recorded in a run's report.
@@ -275,6 +284,11 @@ pub struct ActionRecord {
     /// When a pending action is next due (send window, retry backoff).
     pub next_attempt_at: DateTime<Utc>,
     pub payload: Value,
+    /// How many later runs wanted this action again (deduplicated), and the
+    /// last of them.
+    pub repeats: u32,
+    pub repeated_run: Option<i64>,
+    pub repeated_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -374,6 +388,16 @@ pub trait Store: Send + Sync {
     /// and each opened escalation enqueues a notice to its owner. Tags are
     /// applied at once.
     async fn commit_plan(&self, plan: PlanCommit) -> StoreResult<CommitOutcome>;
+    /// Takes the planner lock for `holder` until `until` if it is free or
+    /// its lease ended before `now`; false if another holder has it.
+    async fn try_lock_planner(
+        &self,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// Releases the planner lock if `holder` still has it.
+    async fn unlock_planner(&self, holder: &str) -> StoreResult<()>;
     async fn finish_run(&self, run_id: i64, status: &str, summary: &Value) -> StoreResult<()>;
     async fn runs(&self, limit: usize) -> StoreResult<Vec<RunRecord>>;
     async fn run_errors(&self, run_id: i64) -> StoreResult<Vec<RuleErrorRecord>>;
@@ -386,7 +410,9 @@ pub trait Store: Send + Sync {
         approve: bool,
         at: DateTime<Utc>,
     ) -> StoreResult<u64>;
-    /// Marketing emails planned for each customer since `since` (for the cap).
+    /// Marketing emails that count against each customer's frequency cap
+    /// at or after `since`: sent or still to be sent, counted at their
+    /// planning time or later when a send window or a hold delayed them.
     async fn recent_email_counts(
         &self,
         customers: &[CustomerId],

@@ -115,6 +115,11 @@ fn action_from_row(row: &SqliteRow) -> StoreResult<ActionRecord> {
             .map(from_millis),
         next_attempt_at: from_millis(row.try_get("next_attempt_at")?),
         payload: json_of(&payload, "actions")?,
+        repeats: row.try_get::<i64, _>("repeats")? as u32,
+        repeated_run: row.try_get("repeated_run")?,
+        repeated_at: row
+            .try_get::<Option<i64>, _>("repeated_at")?
+            .map(from_millis),
     })
 }
 
@@ -391,15 +396,26 @@ impl Store for SqliteStore {
 
         let mut per_rule: BTreeMap<String, RuleCommitCounts> = BTreeMap::new();
         // A plan may name the same key twice (two rules tagging alike); the
-        // first occurrence is the planned one.
-        let mut counted: HashSet<&str> = HashSet::new();
+        // first occurrence is the one written, the rest are deduplicated.
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut unique: Vec<&NewAction> = Vec::with_capacity(plan.actions.len());
+        for a in &plan.actions {
+            if seen.insert(a.dedup_key.as_str()) {
+                unique.push(a);
+            } else {
+                per_rule.entry(a.rule.clone()).or_default().deduplicated += 1;
+            }
+        }
+        let plan_ms = to_millis(plan.now);
         let mut new_emails: BTreeMap<&str, usize> = BTreeMap::new();
         // Multi-row inserts: one statement per chunk instead of per action.
-        // RETURNING names the rows that were new; the rest were deduplicated.
-        for chunk in plan.actions.chunks(ACTION_CHUNK) {
+        // A key already in the ledger is not planned again; its row records
+        // the repeat (the "deduplicated" audit), and RETURNING tells new rows
+        // (this run's id) from repeats.
+        for chunk in unique.chunks(ACTION_CHUNK) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO actions (run_id, customer_id, rule, kind, dedup_key, payload, status,
-                                      next_attempt_at, created_at, finished_at, last_error) ",
+                                      next_attempt_at, created_at, finished_at, last_error, cap_at) ",
             );
             qb.push_values(chunk, |mut b, a| {
                 let is_tag = a.kind == OutboxKind::Tag;
@@ -420,20 +436,23 @@ impl Store for SqliteStore {
                     .push_bind(a.not_before.map_or(now_ms, to_millis).max(now_ms))
                     .push_bind(now_ms)
                     .push_bind((is_tag || a.dropped.is_some()).then_some(now_ms))
-                    .push_bind(a.dropped.clone());
+                    .push_bind(a.dropped.clone())
+                    .push_bind(a.not_before.map_or(plan_ms, to_millis).max(plan_ms));
             });
-            qb.push(" ON CONFLICT (dedup_key) DO NOTHING RETURNING dedup_key");
-            let inserted: HashSet<String> = qb
-                .build()
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|r| r.try_get::<String, _>(0))
-                .collect::<Result<_, _>>()?;
+            qb.push(" ON CONFLICT (dedup_key) DO UPDATE SET repeats = repeats + 1, ");
+            qb.push("repeated_run = excluded.run_id, repeated_at = ");
+            qb.push_bind(plan_ms);
+            qb.push(" RETURNING dedup_key, run_id");
+            let mut inserted: HashSet<String> = HashSet::new();
+            for r in qb.build().fetch_all(&mut *tx).await? {
+                if r.try_get::<i64, _>(1)? == run_id {
+                    inserted.insert(r.try_get(0)?);
+                }
+            }
             let mut tags = Vec::new();
-            for a in chunk {
+            for &a in chunk {
                 let counts = per_rule.entry(a.rule.clone()).or_default();
-                if inserted.contains(&a.dedup_key) && counted.insert(a.dedup_key.as_str()) {
+                if inserted.contains(&a.dedup_key) {
                     counts.planned += 1;
                     if a.kind == OutboxKind::Email && a.dropped.is_none() {
                         *new_emails.entry(a.rule.as_str()).or_default() += 1;
@@ -532,8 +551,12 @@ impl Store for SqliteStore {
 
         for d in &plan.decisions {
             sqlx::query(
-                "INSERT INTO decisions (run_id, customer_id, rule, subject, decision, reason, at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO decisions (run_id, customer_id, rule, subject, decision, reason, at,
+                                        first_at, dedup_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)
+                 ON CONFLICT (dedup_key, decision) DO UPDATE SET
+                     run_id = excluded.run_id, subject = excluded.subject,
+                     reason = excluded.reason, at = excluded.at, times = times + 1",
             )
             .bind(run_id)
             .bind(d.customer_id.as_str())
@@ -542,6 +565,7 @@ impl Store for SqliteStore {
             .bind(&d.decision)
             .bind(&d.reason)
             .bind(to_millis(plan.now))
+            .bind(&d.dedup_key)
             .execute(&mut *tx)
             .await?;
         }
@@ -563,6 +587,33 @@ impl Store for SqliteStore {
             per_rule,
             held,
         })
+    }
+
+    async fn try_lock_planner(
+        &self,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let taken = sqlx::query(
+            "UPDATE planner_lock SET holder = ?1, until = ?2
+             WHERE id = 1 AND (holder IS NULL OR holder = ?1 OR until < ?3)",
+        )
+        .bind(holder)
+        .bind(to_millis(until))
+        .bind(to_millis(now))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(taken == 1)
+    }
+
+    async fn unlock_planner(&self, holder: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE planner_lock SET holder = NULL, until = 0 WHERE id = 1 AND holder = ?")
+            .bind(holder)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn finish_run(&self, run_id: i64, status: &str, summary: &Value) -> StoreResult<()> {
@@ -645,10 +696,12 @@ impl Store for SqliteStore {
         let mut tx = self.immediate().await?;
         // The audit trail keeps the decision after the action moves on.
         sqlx::query(
-            "INSERT INTO decisions (run_id, customer_id, rule, subject, decision, reason, at)
+            "INSERT INTO decisions (run_id, customer_id, rule, subject, decision, reason, at,
+                                    first_at, dedup_key)
              SELECT run_id, customer_id, rule, 'email ' || json_extract(payload, '$.template'),
-                    ?1, ?2, ?3
-             FROM actions WHERE run_id = ?4 AND status = 'held' AND (?5 IS NULL OR rule = ?5)",
+                    ?1, ?2, ?3, ?3, dedup_key
+             FROM actions WHERE run_id = ?4 AND status = 'held' AND (?5 IS NULL OR rule = ?5)
+             ON CONFLICT DO NOTHING",
         )
         .bind(if approve { "approved" } else { "rejected" })
         .bind(if approve {
@@ -663,8 +716,9 @@ impl Store for SqliteStore {
         .await?;
         let n = if approve {
             sqlx::query(
+                // Released now, so it counts against the cap from now.
                 "UPDATE actions SET status = 'pending', next_attempt_at = MAX(next_attempt_at, ?1),
-                 last_error = 'approved after the blast-radius guard held it'
+                 cap_at = MAX(cap_at, ?1), last_error = 'approved after the blast-radius guard held it'
                  WHERE run_id = ?2 AND status = 'held' AND (?3 IS NULL OR rule = ?3)",
             )
         } else {
@@ -701,12 +755,13 @@ impl Store for SqliteStore {
         let ids: Vec<&str> = customers.iter().map(CustomerId::as_str).collect();
         for chunk in ids.chunks(5000) {
             let rows = sqlx::query(
-                // Counted by the evaluation time of the run that planned
-                // them, so a replay with --now sees the cap as it was.
-                "SELECT a.customer_id, COUNT(*) AS n FROM actions a JOIN runs r ON r.id = a.run_id
-                 WHERE a.kind = 'email' AND a.status IN ('pending', 'sending', 'sent', 'held')
-                   AND r.now >= ? AND a.customer_id IN (SELECT value FROM json_each(?))
-                 GROUP BY a.customer_id",
+                // cap_at is on the evaluation clock (a replay with --now
+                // sees the cap as it was), moved later by a send window or
+                // an approval.
+                "SELECT customer_id, COUNT(*) AS n FROM actions
+                 WHERE kind = 'email' AND status IN ('pending', 'sending', 'sent', 'held')
+                   AND cap_at >= ? AND customer_id IN (SELECT value FROM json_each(?))
+                 GROUP BY customer_id",
             )
             .bind(to_millis(since))
             .bind(serde_json::to_string(chunk).unwrap_or_else(|_| "[]".into()))
@@ -889,6 +944,11 @@ impl Store for SqliteStore {
                     decision: r.try_get("decision")?,
                     reason: r.try_get("reason")?,
                     at: from_millis(r.try_get("at")?),
+                    first_at: from_millis(
+                        r.try_get::<Option<i64>, _>("first_at")?
+                            .unwrap_or(r.try_get("at")?),
+                    ),
+                    times: r.try_get::<i64, _>("times")? as u32,
                 })
             })
             .collect()

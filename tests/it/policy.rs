@@ -753,3 +753,262 @@ async fn the_guard_judges_what_a_rule_wants_to_send_so_the_cap_cannot_let_it_tri
         "nothing of the blast was sent"
     );
 }
+
+/// Leaves only the given rules in the app's rules directory.
+fn only_rules(app: &TestApp, rules: &[(&str, &str)]) {
+    for f in std::fs::read_dir(app.path("rules")).unwrap() {
+        let path = f.unwrap().path();
+        if path.is_file() {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    for (name, source) in rules {
+        app.write(&format!("rules/{name}.rhai"), source);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_waits_for_another_planner_and_counts_its_emails_against_the_cap() {
+    use engaged::domain::CustomerId;
+    use engaged::plan::{ActionRequest, PlannedAction};
+    use engaged::store::PlanCommit;
+    let app = TestApp::new().await;
+    only_rules(
+        &app,
+        &[(
+            "news",
+            "send_email(\"winback\", #{ key: \"news\", days_inactive: 2 });\n",
+        )],
+    );
+    app.write_config("[policy]\nfrequency_cap = { emails = 1, days = 3 }\n");
+    app.import_customers("id,email,created_at\nc1,ana@example.com,2026-01-01T00:00:00Z\n")
+        .await;
+    let store = app.store().await;
+    let now = chrono::Utc::now();
+    assert!(
+        store
+            .try_lock_planner("other planner", now, now + chrono::Duration::hours(1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .try_lock_planner("third", now, now + chrono::Duration::hours(1))
+            .await
+            .unwrap(),
+        "a held lock is not taken"
+    );
+    let mut child = app
+        .command(&["run", "--now", NOW, "--json"])
+        .env("ENGAGED_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The run evaluates, then waits for the lock: it cannot finish.
+    if let Ok(status) =
+        tokio::time::timeout(std::time::Duration::from_millis(1500), child.wait()).await
+    {
+        let out = child.wait_with_output().await.unwrap();
+        panic!(
+            "the run finished ({status:?}) while another planner held the lock:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Meanwhile the other planner commits an email for the same customer.
+    let id = CustomerId::parse("c1").unwrap();
+    let customer = store.customer(&id).await.unwrap().unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(NOW).unwrap().to_utc();
+    let facts = engaged::facts::Facts::new(customer, vec![], vec![], at);
+    let planned = PlannedAction {
+        rule: "vip".into(),
+        customer_id: id.clone(),
+        kind: ActionRequest::Email {
+            template: "winback".into(),
+            key: "vip".into(),
+            vars: serde_json::from_value(serde_json::json!({"days_inactive": 1})).unwrap(),
+        },
+    };
+    let owner = engaged::domain::Email::parse(DEFAULT_OWNER).unwrap();
+    let engaged::pipeline::Outgoing::Action(vip) =
+        engaged::pipeline::to_outgoing(planned, &facts, &owner)
+    else {
+        panic!("an email is an action")
+    };
+    store
+        .commit_plan(PlanCommit {
+            trigger: "other planner".into(),
+            now: at,
+            started_at: chrono::Utc::now(),
+            actions: vec![vip],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    store.unlock_planner("other planner").await.unwrap();
+
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("waiting for it to commit"), "{stderr}");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["rules"]["news"]["capped"], 1, "{s}");
+    assert_eq!(s["rules"]["news"]["planned"], 0, "{s}");
+    // The other planner's email went out (this run drained it); news did not.
+    assert_eq!(app.smtp.count(), 1);
+    assert!(app.smtp.messages()[0].text_body().contains("1 days"));
+    // The lock is free again.
+    assert!(
+        store
+            .try_lock_planner("third", now, now + chrono::Duration::hours(1))
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_planners_lock_frees_when_its_lease_ends() {
+    let app = TestApp::new().await;
+    let store = app.store().await;
+    let t = chrono::DateTime::parse_from_rfc3339(NOW).unwrap().to_utc();
+    let minutes = chrono::Duration::minutes;
+    assert!(
+        store
+            .try_lock_planner("a", t, t + minutes(10))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .try_lock_planner("b", t + minutes(9), t + minutes(19))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .try_lock_planner("b", t + minutes(11), t + minutes(21))
+            .await
+            .unwrap()
+    );
+    // The crashed holder's late release does not free b's lock.
+    store.unlock_planner("a").await.unwrap();
+    assert!(
+        !store
+            .try_lock_planner("c", t + minutes(12), t + minutes(22))
+            .await
+            .unwrap()
+    );
+    store.unlock_planner("b").await.unwrap();
+    assert!(
+        store
+            .try_lock_planner("c", t + minutes(12), t + minutes(22))
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_email_released_from_a_hold_counts_against_the_cap_from_its_release() {
+    let app = TestApp::new().await;
+    only_rules(
+        &app,
+        &[
+            (
+                "blast",
+                "send_email(\"winback\", #{ key: \"blast\", days_inactive: 1 });\n",
+            ),
+            (
+                "news",
+                "if days_since_signup() >= 5 { send_email(\"winback\", #{ key: \"news\", days_inactive: 2 }); }\n",
+            ),
+        ],
+    );
+    app.write_config(
+        "[policy]\nfrequency_cap = { emails = 1, days = 3 }\n[guard]\nmin_count = 0\n",
+    );
+    let held_at = chrono::Utc::now() - chrono::Duration::days(5);
+    app.import_customers(&format!(
+        "id,email,created_at\nc1,ana@example.com,{}\n",
+        (held_at - chrono::Duration::days(1)).to_rfc3339()
+    ))
+    .await;
+    // Five days ago the guard held the blast (one of one customers).
+    let s = app.run_at(&held_at.to_rfc3339()).await;
+    assert_eq!(s["rules"]["blast"]["held"], 1, "{s}");
+    let run = s["run_id"].as_i64().unwrap().to_string();
+    let r = app.engaged(&["runs", "approve", &run]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Released now, it counts from now: news (an hour from now) is capped,
+    // although the blast was planned five days (beyond the cap's 3) ago.
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let s = app.run_at(&later.to_rfc3339()).await;
+    assert_eq!(s["rules"]["news"]["capped"], 1, "{s}");
+    assert_eq!(app.smtp.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decision_repeated_by_later_runs_is_one_row_and_deduplication_is_recorded() {
+    use engaged::domain::CustomerId;
+    let app = TestApp::new().await;
+    app.engaged(&["suppressions", "add", "ana@example.com"])
+        .await;
+    app.import_customers(
+        "id,email,name,created_at\nana,ana@example.com,Ana,2026-06-14T20:00:00Z\nben,ben@example.com,Ben,2026-06-14T20:00:00Z\n",
+    )
+    .await;
+    let first = app.run_at(NOW).await;
+    let second = app.run_at("2026-06-16T02:00:00Z").await;
+    assert_eq!(second["rules"]["welcome"]["suppressed"], 1);
+    assert_eq!(second["rules"]["welcome"]["deduplicated"], 1, "{second}");
+    let store = app.store().await;
+    let ana = store
+        .decisions_for_customer(&CustomerId::parse("ana").unwrap())
+        .await
+        .unwrap();
+    let suppressed: Vec<_> = ana
+        .iter()
+        .filter(|d| d.decision == "suppressed" && d.rule == "welcome")
+        .collect();
+    assert_eq!(suppressed.len(), 1, "{ana:?}");
+    assert_eq!(suppressed[0].times, 2);
+    assert_eq!(
+        suppressed[0].first_at.to_rfc3339(),
+        "2026-06-15T02:00:00+00:00"
+    );
+    assert_eq!(suppressed[0].at.to_rfc3339(), "2026-06-16T02:00:00+00:00");
+    assert_eq!(suppressed[0].run_id, second["run_id"].as_i64().unwrap());
+
+    // Ben's welcome went out in the first run; the second wanted it again.
+    let ben = store
+        .actions_for_customer(&CustomerId::parse("ben").unwrap())
+        .await
+        .unwrap();
+    let welcome = ben.iter().find(|a| a.rule == "welcome").unwrap();
+    assert_eq!(welcome.run_id, first["run_id"].as_i64().unwrap());
+    assert_eq!(welcome.repeats, 1);
+    assert_eq!(welcome.repeated_run, second["run_id"].as_i64());
+    let r = app
+        .engaged(&["explain", "ben", "--now", "2026-06-16T03:00:00Z"])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains(&format!(
+            "deduplicated 1 time(s) since, last by run {} at 2026-06-16T02:00:00Z",
+            second["run_id"]
+        )),
+        "{}",
+        r.stdout
+    );
+    let r = app
+        .engaged(&["explain", "ana", "--now", "2026-06-16T03:00:00Z"])
+        .await;
+    assert!(
+        r.stdout.contains("(2 runs since 2026-06-15T02:00:00Z)"),
+        "{}",
+        r.stdout
+    );
+}
