@@ -72,3 +72,13 @@ print(f"customers {s['customers']}, evaluations {ev} in {secs:.2f}s = {ev/secs:,
 print(f"planned actions: {sum(r['planned'] for r in s['rules'].values())}, delivered {sent}, failed {s['delivery']['failed']}")
 print(f"end-to-end run {total:.2f}s; delivery ≈ {sent/(total-secs):,.0f} messages/s into smtp-sink (run time minus evaluation)")
 PY
+
+# The same night again: everything is deduplicated (each repeat is recorded
+# on its action), nothing is sent. This is the steady-state cost of a run.
+measure rerun "$BIN" --config "$OUT/engaged.toml" run --now "$NOW" --json
+python3 - "$OUT/rerun.out" "$(cut -d' ' -f1 "$OUT/time.txt")" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+dedup = sum(r["deduplicated"] for r in s["rules"].values())
+print(f"rerun {float(sys.argv[2]):.2f}s: {dedup} actions deduplicated, {s['delivery']['sent']} sent")
+PY
