@@ -564,10 +564,10 @@ async fn simulate(
         eprintln!("error: no customer with id {id:?}");
         return Ok(ExitCode::from(1));
     }
-    let happenings =
+    let sim =
         crate::simulate::simulate(&*app.store, &app.config, rules, id.as_ref(), now, days).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&happenings)?);
+        println!("{}", serde_json::to_string_pretty(&sim)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -575,63 +575,99 @@ async fn simulate(
         now.format("%Y-%m-%d %H:%M UTC")
     );
     if id.is_some() {
-        if happenings.is_empty() {
-            println!("  nothing would happen");
-        }
-        for h in &happenings {
-            let mut line = format!(
-                "  {}  {}  [rule {}]",
-                h.at.format("%Y-%m-%d %H:%M"),
-                h.what,
-                h.rule
-            );
-            if let Some(owner) = &h.owner {
-                line.push_str(&format!(" → {owner}"));
-            }
-            if let Some(t) = h.goes_out_at {
-                line.push_str(&format!(
-                    " (goes out {} UTC, send window)",
-                    t.format("%Y-%m-%d %H:%M")
-                ));
-            }
-            println!("{line}");
-        }
+        print_calendar(&sim.happenings);
     } else {
-        let mut per_day: std::collections::BTreeMap<String, [usize; 4]> = Default::default();
-        let mut per_owner: std::collections::BTreeMap<String, usize> = Default::default();
-        for h in &happenings {
-            let day = per_day
-                .entry(h.at.format("%Y-%m-%d").to_string())
-                .or_default();
-            match h.kind.as_str() {
-                "email" => day[0] += 1,
-                "escalation" => day[1] += 1,
-                "tag" => day[2] += 1,
-                _ => day[3] += 1,
-            }
-            if let Some(owner) = &h.owner {
-                *per_owner.entry(owner.clone()).or_default() += 1;
-            }
-        }
+        print_day_totals(&sim.happenings);
+    }
+    if !sim.errors.is_empty() {
         println!(
-            "  {:<10} {:>7} {:>11} {:>5} {:>8}",
-            "day", "emails", "escalations", "tags", "webhooks"
+            "Rule errors ({}; the rule did nothing for that customer that day):",
+            sim.errors.len()
         );
-        for (day, n) in &per_day {
+        for e in sim.errors.iter().take(20) {
             println!(
-                "  {:<10} {:>7} {:>11} {:>5} {:>8}",
-                day, n[0], n[1], n[2], n[3]
+                "  {}  rule {} for {}: {}",
+                e.at.format("%Y-%m-%d %H:%M"),
+                e.rule,
+                e.customer_id,
+                e.message
             );
         }
-        println!("Escalations per owner (CSM workload):");
-        if per_owner.is_empty() {
-            println!("  none");
-        }
-        for (owner, n) in &per_owner {
-            println!("  {owner:<32} {n}");
+        if sim.errors.len() > 20 {
+            println!("  … {} more (--json lists all)", sim.errors.len() - 20);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One customer's simulated calendar.
+fn print_calendar(happenings: &[crate::simulate::Happening]) {
+    if happenings.is_empty() {
+        println!("  nothing would happen");
+    }
+    for h in happenings {
+        let mut line = format!(
+            "  {}  {}  [rule {}]",
+            h.at.format("%Y-%m-%d %H:%M"),
+            h.what,
+            h.rule
+        );
+        if let Some(owner) = &h.owner {
+            line.push_str(&format!(" → {owner}"));
+        }
+        if let Some(t) = h.goes_out_at {
+            line.push_str(&format!(
+                " (goes out {} UTC, send window)",
+                t.format("%Y-%m-%d %H:%M")
+            ));
+        }
+        if let Some(note) = &h.note {
+            line.push_str(&format!(" ({note})"));
+        }
+        println!("{line}");
+    }
+}
+
+/// Everyone: per-day totals and escalations per owner (CSM workload).
+fn print_day_totals(happenings: &[crate::simulate::Happening]) {
+    let mut per_day: std::collections::BTreeMap<String, [usize; 5]> = Default::default();
+    let mut per_owner: std::collections::BTreeMap<String, usize> = Default::default();
+    for h in happenings {
+        let day = per_day
+            .entry(h.at.format("%Y-%m-%d").to_string())
+            .or_default();
+        let held = h.kind == "email" && h.note.is_some();
+        match h.kind.as_str() {
+            "email" if held => day[1] += 1,
+            "email" => day[0] += 1,
+            "escalation" => day[2] += 1,
+            "tag" => day[3] += 1,
+            _ => day[4] += 1,
+        }
+        if let Some(owner) = &h.owner {
+            *per_owner.entry(owner.clone()).or_default() += 1;
+        }
+    }
+    println!(
+        "  {:<10} {:>7} {:>5} {:>11} {:>5} {:>8}",
+        "day", "emails", "held", "escalations", "tags", "webhooks"
+    );
+    for (day, n) in &per_day {
+        println!(
+            "  {:<10} {:>7} {:>5} {:>11} {:>5} {:>8}",
+            day, n[0], n[1], n[2], n[3], n[4]
+        );
+    }
+    if per_day.values().any(|n| n[1] > 0) {
+        println!("  (held: the blast-radius guard would hold them until approved)");
+    }
+    println!("Escalations per owner (CSM workload):");
+    if per_owner.is_empty() {
+        println!("  none");
+    }
+    for (owner, n) in &per_owner {
+        println!("  {owner:<32} {n}");
+    }
 }
 
 /// A dry run's action list with the given rules.

@@ -654,7 +654,7 @@ fn escalation_pairs(outgoing: &[Outgoing]) -> Vec<(CustomerId, String)> {
 
 /// The blast-radius guard: rules whose new emails in this run would reach
 /// more customers than `guard` allows, with the reason recorded on them.
-fn guard_decision(
+pub(crate) fn guard_decision(
     outgoing: &[Outgoing],
     existing: &HashSet<String>,
     customers: u64,
@@ -697,7 +697,7 @@ fn new_emails<'a>(
 
 /// Per-owner daily cap: escalations beyond it go to the default owner, and
 /// the reason says so.
-fn overflow_owners(
+pub(crate) fn overflow_owners(
     outgoing: &mut [Outgoing],
     already_open: &HashSet<(CustomerId, String)>,
     mut counts: HashMap<String, u32>,

@@ -13,7 +13,9 @@ use crate::config::Config;
 use crate::domain::{CustomerId, Email};
 use crate::engine::RuleSet;
 use crate::facts::Facts;
-use crate::pipeline::{Outgoing, evaluate, kind_label, to_outgoing};
+use crate::pipeline::{
+    Outgoing, evaluate, guard_decision, kind_label, overflow_owners, to_outgoing,
+};
 use crate::plan::OutboxKind;
 use crate::policy::{CapDecision, RulePolicy, apply_cap};
 use crate::schedule::Schedule;
@@ -33,6 +35,10 @@ pub struct Happening {
     pub owner: Option<String>,
     /// For emails held back by the send window: when it would go out.
     pub goes_out_at: Option<DateTime<Utc>>,
+    /// What a policy did to it (held by the guard, sent to the default
+    /// owner because the owner's daily cap was reached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A fire time, the schedule's name and its rule subset.
@@ -75,13 +81,44 @@ pub fn fire_times(
     Ok(times)
 }
 
+/// A rule error met during the simulation (the first time for each rule,
+/// customer and message).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SimulatedError {
+    pub at: DateTime<Utc>,
+    pub rule: String,
+    pub customer_id: String,
+    pub message: String,
+}
+
+/// What a simulation found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Simulation {
+    pub happenings: Vec<Happening>,
+    pub errors: Vec<SimulatedError>,
+}
+
 /// The simulated ledger: what the database already holds plus what the
 /// simulation "sent".
 struct Ledger {
     keys: HashSet<String>,
     open: HashSet<(String, String)>,
+    /// A resolved escalation is not reopened for the same reason.
+    resolved: HashSet<(String, String, String)>,
     emails: HashMap<String, Vec<DateTime<Utc>>>,
     tags: HashMap<String, Vec<String>>,
+    /// Escalations opened by the simulation: owner and when.
+    escalations: Vec<(String, DateTime<Utc>)>,
+    /// Errors already reported.
+    errors: HashSet<(String, String, String)>,
+}
+
+/// One fire time's evaluation: what the rules asked for, how many customers
+/// were evaluated, and the rule errors.
+struct Firing {
+    outgoing: Vec<Outgoing>,
+    customers: u64,
+    errors: Vec<crate::store::RuleErrorRecord>,
 }
 
 /// Runs the simulation for one customer (`Some`) or everyone.
@@ -92,7 +129,7 @@ pub async fn simulate(
     customer: Option<&CustomerId>,
     from: DateTime<Utc>,
     days: u32,
-) -> Result<Vec<Happening>, StoreError> {
+) -> Result<Simulation, StoreError> {
     let default_owner = Email::parse(&config.escalation.default_owner)
         .unwrap_or_else(|_| Email::parse("success@engaged.example").expect("a valid address"));
     let times = fire_times(config, from, from + Duration::days(i64::from(days))).map_err(|e| {
@@ -102,29 +139,27 @@ pub async fn simulate(
         }
     })?;
     let all = store.escalations(false).await?;
-    let open: HashSet<(String, String)> = all
-        .iter()
-        .filter(|e| e.status == "open" || e.status == "acknowledged")
-        .map(|e| (e.customer_id.clone(), e.rule.clone()))
-        .collect();
-    // A resolved escalation is not reopened for the same reason.
-    let resolved: HashSet<(String, String, String)> = all
-        .into_iter()
-        .filter(|e| e.status == "resolved")
-        .map(|e| (e.customer_id, e.rule, e.reason))
-        .collect();
     let mut ledger = Ledger {
         keys: HashSet::new(),
-        open,
+        open: all
+            .iter()
+            .filter(|e| e.status == "open" || e.status == "acknowledged")
+            .map(|e| (e.customer_id.clone(), e.rule.clone()))
+            .collect(),
+        resolved: all
+            .into_iter()
+            .filter(|e| e.status == "resolved")
+            .map(|e| (e.customer_id, e.rule, e.reason))
+            .collect(),
         emails: HashMap::new(),
         tags: HashMap::new(),
+        escalations: Vec::new(),
+        errors: HashSet::new(),
     };
-    let window = config.policy.window().ok().flatten();
-    let fallback_tz = config.policy.default_tz().unwrap_or(chrono_tz::UTC);
-    let mut out = Vec::new();
+    let mut sim = Simulation::default();
     for (at, schedule, only) in times {
         let only_set: Option<HashSet<String>> = only.map(|r| r.into_iter().collect());
-        let outgoing = match customer {
+        let firing = match customer {
             Some(id) => {
                 one_customer(
                     store,
@@ -138,7 +173,7 @@ pub async fn simulate(
                 .await?
             }
             None => {
-                evaluate(
+                let eval = evaluate(
                     store,
                     Arc::clone(&rules),
                     only_set.map(Arc::new),
@@ -146,124 +181,222 @@ pub async fn simulate(
                     &default_owner,
                     None,
                 )
-                .await?
-                .outgoing
+                .await?;
+                Firing {
+                    outgoing: eval.outgoing,
+                    customers: eval.customers,
+                    errors: eval.errors,
+                }
             }
         };
-        let keys: Vec<String> = outgoing
-            .iter()
-            .filter_map(|o| match o {
-                Outgoing::Action(a) => Some(a.dedup_key.clone()),
-                Outgoing::Escalation(_) => None,
-            })
-            .collect();
-        let in_db = store.existing_dedup_keys(&keys).await?;
-        let emails: Vec<String> = outgoing
-            .iter()
-            .filter_map(|o| match o {
-                Outgoing::Action(a) if a.kind == OutboxKind::Email => a.customer_email.clone(),
-                _ => None,
-            })
-            .collect();
-        let suppressed = store.suppressions_among(&emails).await?;
-        // New emails per customer, for the frequency cap.
-        let mut candidates: BTreeMap<String, Vec<&Outgoing>> = BTreeMap::new();
-        for o in &outgoing {
-            match o {
-                Outgoing::Action(a) => {
-                    if in_db.contains(&a.dedup_key) || ledger.keys.contains(&a.dedup_key) {
-                        continue;
-                    }
-                    if a.kind == OutboxKind::Email {
-                        let address = a.customer_email.clone().unwrap_or_default().to_lowercase();
-                        if suppressed.contains_key(&address) {
-                            continue;
-                        }
-                        candidates
-                            .entry(a.customer_id.to_string())
-                            .or_default()
-                            .push(o);
-                        continue;
-                    }
-                    ledger.keys.insert(a.dedup_key.clone());
-                    if a.kind == OutboxKind::Tag {
-                        ledger
-                            .tags
-                            .entry(a.customer_id.to_string())
-                            .or_default()
-                            .push(a.subject.clone());
-                    }
-                    out.push(happening(at, &schedule, o, None));
-                }
-                Outgoing::Escalation(e) => {
-                    let pair = (e.customer_id.to_string(), e.rule.clone());
-                    let was_resolved =
-                        resolved.contains(&(pair.0.clone(), pair.1.clone(), e.reason.clone()));
-                    if !was_resolved && ledger.open.insert(pair) {
-                        out.push(happening(at, &schedule, o, None));
-                    }
-                }
+        for e in &firing.errors {
+            let id = (e.rule.clone(), e.customer_id.to_string(), e.message.clone());
+            if ledger.errors.insert(id) {
+                sim.errors.push(SimulatedError {
+                    at,
+                    rule: e.rule.clone(),
+                    customer_id: e.customer_id.to_string(),
+                    message: e.message.clone(),
+                });
             }
         }
-        for (customer_id, list) in candidates {
-            let room = match config.policy.frequency_cap {
-                None => usize::MAX,
-                Some(cap) => {
-                    let since = at - Duration::days(i64::from(cap.days));
-                    let recent = store
-                        .recent_email_counts(
-                            &[CustomerId::parse(&customer_id).unwrap_or_default()],
-                            since,
-                        )
-                        .await?
-                        .values()
-                        .sum::<u32>() as usize;
-                    let simulated = ledger
-                        .emails
-                        .get(&customer_id)
-                        .map_or(0, |v| v.iter().filter(|t| **t > since).count());
-                    (cap.emails as usize).saturating_sub(recent + simulated)
+        let judge_guard = customer.is_none();
+        apply_policies(
+            store,
+            config,
+            &rules,
+            &default_owner,
+            &mut ledger,
+            (at, &schedule),
+            firing,
+            judge_guard,
+            &mut sim.happenings,
+        )
+        .await?;
+    }
+    Ok(sim)
+}
+
+/// What a run at `at` would do with what the rules asked for: dedup,
+/// suppression, the blast-radius guard (judged on everyone, so only with
+/// `--all`), the frequency cap, the send window and owners' daily caps. What
+/// it would send is added to the ledger as sent.
+#[allow(clippy::too_many_arguments)]
+async fn apply_policies(
+    store: &dyn Store,
+    config: &Config,
+    rules: &RuleSet,
+    default_owner: &Email,
+    ledger: &mut Ledger,
+    (at, schedule): (DateTime<Utc>, &str),
+    firing: Firing,
+    judge_guard: bool,
+    out: &mut Vec<Happening>,
+) -> Result<(), StoreError> {
+    let mut outgoing = firing.outgoing;
+    let keys: Vec<String> = outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Action(a) => Some(a.dedup_key.clone()),
+            Outgoing::Escalation(_) => None,
+        })
+        .collect();
+    let mut existing = store.existing_dedup_keys(&keys).await?;
+    existing.extend(
+        keys.into_iter()
+            .filter(|k| ledger.keys.contains(k))
+            .collect::<Vec<_>>(),
+    );
+    let held = if judge_guard {
+        guard_decision(&outgoing, &existing, firing.customers, &config.guard)
+    } else {
+        BTreeMap::new()
+    };
+    if config.escalation.owner_daily_cap > 0 {
+        let since = at - Duration::days(1);
+        let mut counts = store.owner_escalation_counts(since).await?;
+        for (owner, t) in &ledger.escalations {
+            if *t > since {
+                *counts.entry(owner.clone()).or_default() += 1;
+            }
+        }
+        let open: HashSet<(CustomerId, String)> = ledger
+            .open
+            .iter()
+            .filter_map(|(c, r)| Some((CustomerId::parse(c).ok()?, r.clone())))
+            .collect();
+        overflow_owners(
+            &mut outgoing,
+            &open,
+            counts,
+            config.escalation.owner_daily_cap,
+            default_owner,
+        );
+    }
+    let emails: Vec<String> = outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Action(a) if a.kind == OutboxKind::Email => a.customer_email.clone(),
+            _ => None,
+        })
+        .collect();
+    let suppressed = store.suppressions_among(&emails).await?;
+    // New emails per customer, for the frequency cap.
+    let mut candidates: BTreeMap<String, Vec<&Outgoing>> = BTreeMap::new();
+    for o in &outgoing {
+        match o {
+            Outgoing::Action(a) => {
+                if existing.contains(&a.dedup_key) {
+                    continue;
                 }
-            };
-            let policies: Vec<RulePolicy> = list
-                .iter()
-                .map(|o| {
-                    rules.rule(o.rule()).map_or(
-                        RulePolicy {
-                            priority: 0,
-                            drop_when_capped: false,
-                        },
-                        |r| r.policy,
-                    )
-                })
-                .collect();
-            for (o, decision) in list.iter().zip(apply_cap(&policies, room)) {
-                let Outgoing::Action(a) = o else { continue };
-                match decision {
-                    CapDecision::Allow => {
-                        ledger.keys.insert(a.dedup_key.clone());
-                        ledger
-                            .emails
-                            .entry(customer_id.clone())
-                            .or_default()
-                            .push(at);
-                        let tz = a
-                            .customer_timezone
-                            .as_deref()
-                            .and_then(|t| t.parse().ok())
-                            .unwrap_or(fallback_tz);
-                        let goes_out = window.and_then(|w| w.next_open(at, tz));
-                        out.push(happening(at, &schedule, o, goes_out));
+                if a.kind == OutboxKind::Email {
+                    let address = a.customer_email.clone().unwrap_or_default().to_lowercase();
+                    if suppressed.contains_key(&address) {
+                        continue;
                     }
-                    CapDecision::Drop => {
+                    if let Some(reason) = held.get(&a.rule) {
                         ledger.keys.insert(a.dedup_key.clone());
+                        let mut h = happening(at, schedule, o, None);
+                        h.note = Some(format!("{reason}; sent only if approved"));
+                        out.push(h);
+                        continue;
                     }
-                    CapDecision::Defer => {}
+                    candidates
+                        .entry(a.customer_id.to_string())
+                        .or_default()
+                        .push(o);
+                    continue;
+                }
+                ledger.keys.insert(a.dedup_key.clone());
+                if a.kind == OutboxKind::Tag {
+                    ledger
+                        .tags
+                        .entry(a.customer_id.to_string())
+                        .or_default()
+                        .push(a.subject.clone());
+                }
+                out.push(happening(at, schedule, o, None));
+            }
+            Outgoing::Escalation(e) => {
+                let pair = (e.customer_id.to_string(), e.rule.clone());
+                let was_resolved = ledger.resolved.contains(&(
+                    pair.0.clone(),
+                    pair.1.clone(),
+                    e.reason.clone(),
+                ));
+                if !was_resolved && ledger.open.insert(pair) {
+                    ledger.escalations.push((e.owner.clone(), at));
+                    let mut h = happening(at, schedule, o, None);
+                    h.note = e
+                        .notice
+                        .get("overflow")
+                        .and_then(|v| v.as_str())
+                        .map(|why| format!("to the default owner: {why}"));
+                    out.push(h);
                 }
             }
         }
     }
-    Ok(out)
+    let window = config.policy.window().ok().flatten();
+    let fallback_tz = config.policy.default_tz().unwrap_or(chrono_tz::UTC);
+    for (customer_id, list) in candidates {
+        let room = match config.policy.frequency_cap {
+            None => usize::MAX,
+            Some(cap) => {
+                let since = at - Duration::days(i64::from(cap.days));
+                let recent = store
+                    .recent_email_counts(
+                        &[CustomerId::parse(&customer_id).unwrap_or_default()],
+                        since,
+                    )
+                    .await?
+                    .values()
+                    .sum::<u32>() as usize;
+                let simulated = ledger
+                    .emails
+                    .get(&customer_id)
+                    .map_or(0, |v| v.iter().filter(|t| **t > since).count());
+                (cap.emails as usize).saturating_sub(recent + simulated)
+            }
+        };
+        let policies: Vec<RulePolicy> = list
+            .iter()
+            .map(|o| {
+                rules.rule(o.rule()).map_or(
+                    RulePolicy {
+                        priority: 0,
+                        drop_when_capped: false,
+                    },
+                    |r| r.policy,
+                )
+            })
+            .collect();
+        for (o, decision) in list.iter().zip(apply_cap(&policies, room)) {
+            let Outgoing::Action(a) = o else { continue };
+            match decision {
+                CapDecision::Allow => {
+                    ledger.keys.insert(a.dedup_key.clone());
+                    ledger
+                        .emails
+                        .entry(customer_id.clone())
+                        .or_default()
+                        .push(at);
+                    let tz = a
+                        .customer_timezone
+                        .as_deref()
+                        .and_then(|t| t.parse().ok())
+                        .unwrap_or(fallback_tz);
+                    let goes_out = window.and_then(|w| w.next_open(at, tz));
+                    out.push(happening(at, schedule, o, goes_out));
+                }
+                CapDecision::Drop => {
+                    ledger.keys.insert(a.dedup_key.clone());
+                }
+                CapDecision::Defer => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 fn happening(
@@ -286,6 +419,7 @@ fn happening(
         what,
         owner,
         goes_out_at,
+        note: None,
     }
 }
 
@@ -297,12 +431,17 @@ async fn one_customer(
     at: DateTime<Utc>,
     default_owner: &Email,
     ledger: &Ledger,
-) -> Result<Vec<Outgoing>, StoreError> {
+) -> Result<Firing, StoreError> {
+    let nothing = Firing {
+        outgoing: Vec::new(),
+        customers: 0,
+        errors: Vec::new(),
+    };
     let Some(customer) = store.customer(id).await? else {
-        return Ok(Vec::new());
+        return Ok(nothing);
     };
     if customer.created_at.is_some_and(|c| c > at) {
-        return Ok(Vec::new());
+        return Ok(nothing);
     }
     let events = store.events_in_id_range(id, id, at).await?;
     let mut tags: Vec<String> = store
@@ -313,15 +452,23 @@ async fn one_customer(
         .collect();
     tags.extend(ledger.tags.get(id.as_str()).cloned().unwrap_or_default());
     let facts = Arc::new(Facts::new(customer, events, tags, at));
-    let mut out = Vec::new();
-    for (_, result) in rules.evaluate_selected(&facts, only) {
-        if let Ok(actions) = result {
-            out.extend(
+    let mut firing = Firing {
+        customers: 1,
+        ..nothing
+    };
+    for (rule, result) in rules.evaluate_selected(&facts, only) {
+        match result {
+            Ok(actions) => firing.outgoing.extend(
                 actions
                     .into_iter()
                     .map(|a| to_outgoing(a, &facts, default_owner)),
-            );
+            ),
+            Err(e) => firing.errors.push(crate::store::RuleErrorRecord {
+                rule: rule.id.clone(),
+                customer_id: id.clone(),
+                message: e.to_string(),
+            }),
         }
     }
-    Ok(out)
+    Ok(firing)
 }

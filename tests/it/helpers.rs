@@ -94,7 +94,8 @@ impl TestApp {
         format!("sqlite://{}", self.path("engaged.db").display())
     }
 
-    /// Writes `engaged.toml`: SMTP to the test server, fast retries, plus `extra`.
+    /// Writes `engaged.toml`: SMTP to the test server, fast retries, with
+    /// `extra` (TOML) merged in: its tables extend or override the base ones.
     pub fn write_config(&self, extra: &str) {
         let config = format!(
             r#"[database]
@@ -126,7 +127,6 @@ public_url = "https://engage.acme.test"
 signing_secret = "test-secret"
 write_key = "{write_key}"
 admin_token = "{admin_token}"
-{extra}
 "#,
             db = self.db_url(),
             rules = self.path("rules").display(),
@@ -136,7 +136,10 @@ admin_token = "{admin_token}"
             write_key = WRITE_KEY,
             admin_token = ADMIN_TOKEN,
         );
-        std::fs::write(self.path("engaged.toml"), config).unwrap();
+        let mut config: toml::Table = config.parse().unwrap();
+        let extra: toml::Table = extra.parse().expect("extra config is TOML");
+        merge(&mut config, extra);
+        std::fs::write(self.path("engaged.toml"), config.to_string()).unwrap();
     }
 
     pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) -> PathBuf {
@@ -246,4 +249,16 @@ pub fn track(user: &str, event: &str, at: &str, props: serde_json::Value) -> Str
         "timestamp": at, "messageId": format!("{user}-{event}-{at}"),
     })
     .to_string()
+}
+
+/// Deep-merges `extra` into `base` (tables merge, other values replace).
+fn merge(base: &mut toml::Table, extra: toml::Table) {
+    for (key, value) in extra {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(e)) => merge(b, e),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
 }

@@ -745,8 +745,7 @@ async fn simulate_shows_a_customers_calendar_and_writes_nothing() {
         ])
         .await;
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let mut seen: Vec<(String, String)> = r
-        .json()
+    let mut seen: Vec<(String, String)> = r.json()["happenings"]
         .as_array()
         .unwrap()
         .iter()

@@ -340,13 +340,6 @@ async fn escalations_overflow_capped_owners_remind_the_lead_and_record_recovery(
     app.write_config(
         "[escalation]\ndefault_owner = \"success@acme.test\"\nrenotify_days = 2\nlead = \"lead@acme.test\"\nowner_daily_cap = 1\n",
     );
-    // The base config has its own [escalation] table (TOML forbids two).
-    let config = std::fs::read_to_string(app.path("engaged.toml")).unwrap();
-    let config = config.replace(
-        "[escalation]\ndefault_owner = \"success@acme.test\"\n\n",
-        "",
-    );
-    std::fs::write(app.path("engaged.toml"), config).unwrap();
     app.import_customers(
         "id,email,name,created_at,model,owner\n\
          d1,d1@example.com,Dee One,2026-01-01T00:00:00Z,hybrid,csm@acme.test\n\
@@ -1011,4 +1004,88 @@ async fn a_decision_repeated_by_later_runs_is_one_row_and_deduplication_is_recor
         "{}",
         r.stdout
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulate_models_owner_caps_and_the_guard_and_reports_rule_errors() {
+    let app = TestApp::new().await;
+    only_rules(
+        &app,
+        &[
+            ("stall", "escalate(\"stalled\");\n"),
+            (
+                "blast",
+                "send_email(\"winback\", #{ key: \"blast\", days_inactive: 1 });\n",
+            ),
+            (
+                "broken",
+                "if customer.id == \"c2\" { throw \"no plan for c2\"; }\n",
+            ),
+        ],
+    );
+    app.write_config("[escalation]\nowner_daily_cap = 2\n[guard]\nmin_count = 1\n");
+    let mut csv = String::from("id,email,created_at,owner\n");
+    for i in 1..=4 {
+        csv.push_str(&format!(
+            "c{i},c{i}@example.com,2026-06-01T00:00:00Z,csm@acme.test\n"
+        ));
+    }
+    app.import_customers(&csv).await;
+    let r = app
+        .engaged(&["simulate", "--days", "2", "--all", "--now", NOW, "--json"])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let sim = r.json();
+    let happenings = sim["happenings"].as_array().unwrap();
+    let escalations: Vec<&serde_json::Value> = happenings
+        .iter()
+        .filter(|h| h["kind"] == "escalation")
+        .collect();
+    assert_eq!(escalations.len(), 4, "one per customer, once: {sim}");
+    let to_csm = escalations
+        .iter()
+        .filter(|h| h["owner"] == "csm@acme.test")
+        .count();
+    assert_eq!(to_csm, 2, "the owner's daily cap: {sim}");
+    for h in escalations.iter().filter(|h| h["owner"] == DEFAULT_OWNER) {
+        assert!(
+            h["note"]
+                .as_str()
+                .unwrap()
+                .contains("csm@acme.test reached the daily cap of 2"),
+            "{h}"
+        );
+    }
+    let emails: Vec<&serde_json::Value> =
+        happenings.iter().filter(|h| h["kind"] == "email").collect();
+    assert_eq!(emails.len(), 4, "{sim}");
+    assert!(
+        emails.iter().all(|h| h["note"]
+            .as_str()
+            .unwrap()
+            .contains("held by the blast-radius guard: 4 of 4 customers")),
+        "{sim}"
+    );
+    let errors = sim["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "reported once, not per day: {sim}");
+    assert_eq!(errors[0]["rule"], "broken");
+    assert_eq!(errors[0]["customer_id"], "c2");
+    assert!(errors[0]["message"].as_str().unwrap().contains("no plan for c2"));
+
+    let r = app
+        .engaged(&["simulate", "--days", "2", "--all", "--now", NOW])
+        .await;
+    assert!(r.stdout.contains("Rule errors (1;"), "{}", r.stdout);
+    assert!(r.stdout.contains("would hold them until approved"), "{}", r.stdout);
+    let r = app
+        .engaged(&["simulate", "--days", "1", "--customer", "c2", "--now", NOW])
+        .await;
+    assert!(
+        r.stdout.contains("rule broken for c2:") && r.stdout.contains("no plan for c2"),
+        "{}",
+        r.stdout
+    );
+    let store = app.store().await;
+    assert!(store.runs(10).await.unwrap().is_empty(), "nothing written");
+    assert_eq!(app.smtp.count(), 0, "nothing sent");
 }
