@@ -9,6 +9,7 @@ mod hostile;
 mod import;
 mod pipeline;
 mod policy;
+mod properties;
 mod rules;
 mod smtp_selftest;
 mod smtp_server;
