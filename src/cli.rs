@@ -878,50 +878,18 @@ async fn suppressions(
             }
         }
         Some(SuppressionCommand::Import { file }) => {
-            let mut reader = csv::ReaderBuilder::new()
-                .trim(csv::Trim::All)
-                .from_path(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let headers = reader.headers()?.clone();
-            let col = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
-            let Some(email_col) = col("email") else {
-                bail!("{}: the header row has no \"email\" column", file.display());
-            };
-            let reason_col = col("reason");
-            let (mut added, mut already, mut rejected) = (0, 0, 0);
-            for (i, record) in reader.records().enumerate() {
-                let line = i + 2;
-                let record = match record {
-                    Ok(r) => r,
-                    Err(e) => {
-                        eprintln!("{}:{line}: {e}", file.display());
-                        rejected += 1;
-                        continue;
-                    }
-                };
-                let raw = record.get(email_col).unwrap_or_default();
-                let email = match Email::parse(raw) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        eprintln!("{}:{line}: {e}", file.display());
-                        rejected += 1;
-                        continue;
-                    }
-                };
-                let reason = reason_col
-                    .and_then(|c| record.get(c))
-                    .filter(|r| !r.is_empty())
-                    .unwrap_or("imported");
-                if app.store.suppress(email.as_str(), reason, now).await? {
-                    added += 1;
-                } else {
-                    already += 1;
-                }
+            let r = ingest::import_suppressions(&*app.store, &file, now).await?;
+            for p in &r.errors {
+                eprintln!("{}:{}: {}", r.file.display(), p.line, p.message);
             }
             println!(
-                "{}: {added} suppressed, {already} already suppressed, {rejected} rejected",
-                file.display()
+                "{}: {} suppressed, {} already suppressed, {} rejected",
+                file.display(),
+                r.imported,
+                r.duplicate,
+                r.rejected
             );
+            let rejected = r.rejected;
             Ok(if rejected > 0 {
                 ExitCode::from(1)
             } else {

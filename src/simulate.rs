@@ -319,11 +319,10 @@ async fn apply_policies(
             }
             Outgoing::Escalation(e) => {
                 let pair = (e.customer_id.to_string(), e.rule.clone());
-                let was_resolved = ledger.resolved.contains(&(
-                    pair.0.clone(),
-                    pair.1.clone(),
-                    e.reason.clone(),
-                ));
+                let was_resolved =
+                    ledger
+                        .resolved
+                        .contains(&(pair.0.clone(), pair.1.clone(), e.reason.clone()));
                 if !was_resolved && ledger.open.insert(pair) {
                     ledger.escalations.push((e.owner.clone(), at));
                     let mut h = happening(at, schedule, o, None);

@@ -108,9 +108,19 @@ pub(super) fn register(engine: &mut Engine, known: super::Known) {
             Ok(())
         })
     });
+    // Rhai's core has `tag(value)` (a value's internal tag): a rule calling
+    // tag() with a non-string (a missing trait, a number) would silently get
+    // that instead of an error.
+    engine.register_fn("tag", |name: Dynamic| -> Fallible<()> {
+        Err(format!(
+            "tag(name) needs a string name, got {} ({name})",
+            name.type_name()
+        )
+        .into())
+    });
     engine.register_fn("tag", |name: &str| {
         let name = name.trim();
-        if name.is_empty() || name.len() > 100 {
+        if name.is_empty() || name.chars().count() > 100 {
             return Err("tag(name) needs a name of 1 to 100 characters".into());
         }
         with_context(|c| {

@@ -36,15 +36,21 @@ pub(super) fn register_timestamp(engine: &mut Engine) {
         .register_fn("days_between", |a: Timestamp, b: Timestamp| {
             whole_days(a.0, b.0)
         })
-        // Whole calendar years from a to b (anniversaries, leap years included).
+        // Whole calendar years from a to b: the anniversaries `add_years`
+        // reaches (a 29 February signup's falls on 28 February).
         .register_fn("years_between", |a: Timestamp, b: Timestamp| {
-            i64::from(b.0.years_since(a.0).unwrap_or(0))
+            years_between(a.0, b.0)
         })
-        // The same moment `n` calendar years later (29 Feb → 28 Feb).
-        .register_fn("add_years", |t: &mut Timestamp, n: i64| {
-            let months = chrono::Months::new(u32::try_from(n.clamp(0, 1000) * 12).unwrap_or(0));
-            Timestamp(t.0.checked_add_months(months).unwrap_or(t.0))
-        })
+        // The same moment `n` calendar years later (or earlier for a
+        // negative n); 29 February → 28 February.
+        .register_fn(
+            "add_years",
+            |t: &mut Timestamp, n: i64| -> Result<Timestamp, Box<rhai::EvalAltResult>> {
+                add_years(t.0, n).map(Timestamp).ok_or_else(|| {
+                    format!("add_years({n}): n must be within -{MAX_YEARS}..={MAX_YEARS} and the result a valid date").into()
+                })
+            },
+        )
         .register_fn("==", |a: Timestamp, b: Timestamp| a == b)
         .register_fn("!=", |a: Timestamp, b: Timestamp| a != b)
         .register_fn("<", |a: Timestamp, b: Timestamp| a < b)
@@ -53,7 +59,35 @@ pub(super) fn register_timestamp(engine: &mut Engine) {
         .register_fn(">=", |a: Timestamp, b: Timestamp| a >= b);
 }
 
-/// JSON → Rhai. Integers stay integers; other numbers become floats.
+/// The most years `add_years` moves a Timestamp.
+const MAX_YEARS: i64 = 1000;
+
+/// `t` moved `n` calendar years (29 February → 28 February in other years).
+pub(crate) fn add_years(t: DateTime<Utc>, n: i64) -> Option<DateTime<Utc>> {
+    if !(-MAX_YEARS..=MAX_YEARS).contains(&n) {
+        return None;
+    }
+    let months = chrono::Months::new(u32::try_from(n.unsigned_abs() * 12).ok()?);
+    if n >= 0 {
+        t.checked_add_months(months)
+    } else {
+        t.checked_sub_months(months)
+    }
+}
+
+/// Whole calendar years from `a` to `b`: the largest k with
+/// `add_years(a, k) <= b`, so it agrees with `add_years` on leap days; 0 when
+/// `b` is before the first anniversary (or before `a`).
+pub(crate) fn years_between(a: DateTime<Utc>, b: DateTime<Utc>) -> i64 {
+    let mut k = i64::from(b.year() - a.year()).clamp(0, MAX_YEARS);
+    while k > 0 && add_years(a, k).is_none_or(|t| t > b) {
+        k -= 1;
+    }
+    k
+}
+
+/// JSON → Rhai. Integers within i64 stay integers; other numbers (floats,
+/// and integers beyond ±9.2e18, which Rhai cannot hold) become floats.
 pub fn json_to_dynamic(v: &Value) -> Dynamic {
     match v {
         Value::Null => Dynamic::UNIT,

@@ -131,23 +131,7 @@ pub async fn import_customers(
     store: Arc<dyn Store>,
     path: &Path,
 ) -> Result<ImportReport, IngestError> {
-    let file = std::fs::File::open(path).map_err(|source| IngestError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(false)
-        .trim(csv::Trim::All)
-        .from_reader(BufReader::new(file));
-    let headers: Vec<String> = reader
-        .byte_headers()
-        .map_err(|e| IngestError::BadFile {
-            path: path.to_owned(),
-            message: format!("cannot read the header row: {e}"),
-        })?
-        .iter()
-        .map(|h| String::from_utf8_lossy(h).trim().to_ascii_lowercase())
-        .collect();
+    let (mut reader, headers) = open_csv(path)?;
     for required in ["id", "email"] {
         if !headers.iter().any(|h| h == required) {
             return Err(IngestError::BadFile {
@@ -165,23 +149,20 @@ pub async fn import_customers(
         let mut batch = Batch::default();
         let mut record = csv::ByteRecord::new();
         loop {
-            let line = reader.position().line() + 1;
-            match reader.read_byte_record(&mut record) {
+            let result = reader.read_byte_record(&mut record);
+            let line = record_line(&reader, &record);
+            match result {
                 Ok(false) => break,
-                Ok(true) => {
-                    let line = record.position().map_or(line, |p| p.line());
-                    match customer_row(&headers, &record) {
-                        Ok((patch, warnings)) => {
-                            batch
-                                .warnings
-                                .extend(warnings.into_iter().map(|w| (line, w)));
-                            batch.customers.push((line, patch));
-                        }
-                        Err(message) => batch.errors.push((line, message)),
+                Ok(true) => match customer_row(&headers, &record) {
+                    Ok((patch, warnings)) => {
+                        batch
+                            .warnings
+                            .extend(warnings.into_iter().map(|w| (line, w)));
+                        batch.customers.push((line, patch));
                     }
-                }
+                    Err(message) => batch.errors.push((line, message)),
+                },
                 Err(e) => {
-                    let line = e.position().map_or(line, |p| p.line());
                     batch.errors.push((line, csv_error(&e)));
                     if !matches!(
                         e.kind(),
@@ -204,6 +185,158 @@ pub async fn import_customers(
     apply(&*store, rx, &mut report).await?;
     let _ = reader_task.await;
     Ok(report)
+}
+
+type CsvReader = csv::Reader<Recent<BufReader<std::fs::File>>>;
+
+/// Opens a CSV file and reads its header row (names trimmed, lower-cased).
+fn open_csv(path: &Path) -> Result<(CsvReader, Vec<String>), IngestError> {
+    let file = std::fs::File::open(path).map_err(|source| IngestError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    // Fields are trimmed by whoever reads them (not by the csv reader, which
+    // would also trim the line breaks `record_line` counts).
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_reader(Recent::new(BufReader::new(file)));
+    let headers: Vec<String> = reader
+        .byte_headers()
+        .map_err(|e| IngestError::BadFile {
+            path: path.to_owned(),
+            message: format!("cannot read the header row: {e}"),
+        })?
+        .iter()
+        .map(|h| String::from_utf8_lossy(h).trim().to_ascii_lowercase())
+        .collect();
+    Ok((reader, headers))
+}
+
+/// `engaged suppressions import FILE.csv`: an `email` column and an
+/// optional `reason`. Counts: `imported` newly suppressed, `duplicate`
+/// already suppressed, `rejected` bad rows (with their lines).
+pub async fn import_suppressions(
+    store: &dyn Store,
+    path: &Path,
+    now: chrono::DateTime<Utc>,
+) -> Result<ImportReport, IngestError> {
+    let (mut reader, headers) = open_csv(path)?;
+    let col = |name: &str| headers.iter().position(|h| h == name);
+    let Some(email_col) = col("email") else {
+        return Err(IngestError::BadFile {
+            path: path.to_owned(),
+            message: format!(
+                "the header row has no \"email\" column (found: {})",
+                headers.join(",")
+            ),
+        });
+    };
+    let reason_col = col("reason");
+    let mut report = ImportReport {
+        file: path.to_owned(),
+        ..Default::default()
+    };
+    let mut record = csv::ByteRecord::new();
+    loop {
+        let result = reader.read_byte_record(&mut record);
+        let line = record_line(&reader, &record);
+        match result {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                report.reject(line, csv_error(&e));
+                if matches!(e.kind(), csv::ErrorKind::UnequalLengths { .. }) {
+                    continue;
+                }
+                break;
+            }
+        }
+        let field =
+            |c: usize| std::str::from_utf8(record.get(c).unwrap_or_default()).map(str::trim);
+        let email = match field(email_col) {
+            Ok(raw) => crate::domain::Email::parse(raw),
+            Err(_) => {
+                report.reject(line, "the email is not valid UTF-8".into());
+                continue;
+            }
+        };
+        let email = match email {
+            Ok(e) => e,
+            Err(e) => {
+                report.reject(line, e.to_string());
+                continue;
+            }
+        };
+        let reason = reason_col
+            .and_then(|c| field(c).ok())
+            .filter(|r| !r.is_empty())
+            .unwrap_or("imported");
+        if store.suppress(email.as_str(), reason, now).await? {
+            report.imported += 1;
+        } else {
+            report.duplicate += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// The line a CSV record starts on. The csv crate notes a record's position
+/// before it skips the blank lines and the LF of a CRLF in front of it
+/// (BurntSushi/rust-csv#208, #395), so this counts back from where the
+/// record ended: the line of its last byte, less the line breaks inside its
+/// quoted fields.
+fn record_line(reader: &CsvReader, record: &csv::ByteRecord) -> u64 {
+    let end = reader.position();
+    let ended_with_break = end
+        .byte()
+        .checked_sub(1)
+        .and_then(|at| reader.get_ref().byte_at(at))
+        == Some(b'\n');
+    let inside = record.as_slice().iter().filter(|&&b| b == b'\n').count() as u64;
+    end.line()
+        .saturating_sub(u64::from(ended_with_break) + inside)
+        .max(1)
+}
+
+/// A reader that remembers the bytes it read most recently, so the byte
+/// just before the csv reader's position can be looked at.
+struct Recent<R> {
+    inner: R,
+    kept: std::collections::VecDeque<u8>,
+    /// Offset of `kept[0]` in the input.
+    base: u64,
+}
+
+impl<R> Recent<R> {
+    /// Far more than the csv reader's buffer (8 KiB), which is how far its
+    /// position can lag behind what was read.
+    const KEEP: usize = 256 * 1024;
+
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            kept: std::collections::VecDeque::new(),
+            base: 0,
+        }
+    }
+
+    fn byte_at(&self, offset: u64) -> Option<u8> {
+        let i = usize::try_from(offset.checked_sub(self.base)?).ok()?;
+        self.kept.get(i).copied()
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Recent<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.kept.extend(&buf[..n]);
+        if self.kept.len() > Self::KEEP {
+            let excess = self.kept.len() - Self::KEEP;
+            self.kept.drain(..excess);
+            self.base += excess as u64;
+        }
+        Ok(n)
+    }
 }
 
 fn csv_error(e: &csv::Error) -> String {

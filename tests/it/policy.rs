@@ -1070,13 +1070,22 @@ async fn simulate_models_owner_caps_and_the_guard_and_reports_rule_errors() {
     assert_eq!(errors.len(), 1, "reported once, not per day: {sim}");
     assert_eq!(errors[0]["rule"], "broken");
     assert_eq!(errors[0]["customer_id"], "c2");
-    assert!(errors[0]["message"].as_str().unwrap().contains("no plan for c2"));
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no plan for c2")
+    );
 
     let r = app
         .engaged(&["simulate", "--days", "2", "--all", "--now", NOW])
         .await;
     assert!(r.stdout.contains("Rule errors (1;"), "{}", r.stdout);
-    assert!(r.stdout.contains("would hold them until approved"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("would hold them until approved"),
+        "{}",
+        r.stdout
+    );
     let r = app
         .engaged(&["simulate", "--days", "1", "--customer", "c2", "--now", NOW])
         .await;
