@@ -11,7 +11,7 @@ mod api;
 mod value;
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -535,6 +535,9 @@ pub const CUSTOMER_KEYS: &[&str] = &[
     "tags",
 ];
 
+/// The keys of the map `last(event)` returns (see `api.rs`).
+pub const EVENT_KEYS: &[&str] = &["name", "at", "properties"];
+
 /// Names rules may call that are handled by Rhai itself, not registered.
 const KEYWORD_FUNCTIONS: &[&str] = &[
     "print",
@@ -581,15 +584,7 @@ fn unknown_calls(engine: &Engine, path: &Path, ast: &AST) -> Vec<RuleError> {
             && let rhai::Expr::Variable(var, ..) = &dot.lhs
             && var.1.as_str() == "customer"
         {
-            let first = match &dot.rhs {
-                rhai::Expr::Property(p, pos) => Some((p.2.as_str(), *pos)),
-                rhai::Expr::Dot(inner, ..) | rhai::Expr::Index(inner, ..) => match &inner.lhs {
-                    rhai::Expr::Property(p, pos) => Some((p.2.as_str(), *pos)),
-                    _ => None,
-                },
-                _ => None,
-            };
-            if let Some((name, pos)) = first
+            if let Some((name, pos)) = first_property(dot)
                 && !CUSTOMER_KEYS.contains(&name)
             {
                 let keys: Vec<String> = CUSTOMER_KEYS.iter().map(|k| (*k).to_owned()).collect();
@@ -629,6 +624,88 @@ fn unknown_calls(engine: &Engine, path: &Path, ast: &AST) -> Vec<RuleError> {
     errors
 }
 
+/// The first property of a `lhs.prop…` chain: `prop` and where it is.
+fn first_property(dot: &rhai::BinaryExpr) -> Option<(&str, Position)> {
+    match &dot.rhs {
+        rhai::Expr::Property(p, pos) => Some((p.2.as_str(), *pos)),
+        rhai::Expr::Dot(inner, ..) | rhai::Expr::Index(inner, ..) => match &inner.lhs {
+            rhai::Expr::Property(p, pos) => Some((p.2.as_str(), *pos)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn is_call_to_last(e: &rhai::Expr) -> bool {
+    matches!(e, rhai::Expr::FnCall(call, _) if call.name.as_str() == "last" && call.namespace.is_empty())
+}
+
+/// Properties `last(event)`'s map does not have, read straight from the
+/// call (`last("x").score`) or from a variable only ever set from it
+/// (`let answer = last("x"); answer.score`): Rhai would give `()` and the
+/// rule would quietly never fire.
+fn unknown_event_properties(path: &Path, ast: &AST) -> Vec<RuleError> {
+    // Variables every declaration of which is `let v = last(…)`, never
+    // assigned, and not a function parameter or loop variable.
+    let mut from_last: HashMap<String, bool> = HashMap::new();
+    for f in ast.iter_functions() {
+        for p in &f.params {
+            from_last.insert((*p).to_owned(), false);
+        }
+    }
+    ast.walk(&mut |nodes: &[rhai::ASTNode]| {
+        match nodes.last() {
+            Some(rhai::ASTNode::Stmt(rhai::Stmt::Var(var, ..))) => {
+                let ok = is_call_to_last(&var.1);
+                from_last
+                    .entry(var.0.name.to_string())
+                    .and_modify(|v| *v &= ok)
+                    .or_insert(ok);
+            }
+            Some(rhai::ASTNode::Stmt(rhai::Stmt::Assignment(a))) => {
+                if let rhai::Expr::Variable(v, ..) = &a.1.lhs {
+                    from_last.insert(v.1.to_string(), false);
+                }
+            }
+            Some(rhai::ASTNode::Stmt(rhai::Stmt::For(f, _))) => {
+                from_last.insert(f.0.name.to_string(), false);
+                if let Some(counter) = &f.1 {
+                    from_last.insert(counter.name.to_string(), false);
+                }
+            }
+            _ => {}
+        }
+        true
+    });
+    let mut errors = Vec::new();
+    ast.walk(&mut |nodes: &[rhai::ASTNode]| {
+        if let Some(rhai::ASTNode::Expr(rhai::Expr::Dot(dot, _, _))) = nodes.last() {
+            let is_event = is_call_to_last(&dot.lhs)
+                || matches!(&dot.lhs, rhai::Expr::Variable(v, ..) if from_last.get(v.1.as_str()) == Some(&true));
+            if is_event
+                && let Some((name, pos)) = first_property(dot)
+                && !EVENT_KEYS.contains(&name)
+            {
+                let keys: Vec<String> = EVENT_KEYS.iter().map(|k| (*k).to_owned()).collect();
+                let hint = nearest(name, keys.iter()).map_or_else(
+                    || format!(" the event's own data is in `.properties.{name}`;"),
+                    |n| format!(" did you mean `{n}`?"),
+                );
+                errors.push(located(
+                    path,
+                    pos,
+                    format!(
+                        "last(…) gives #{{name, at, properties}}: no property `{name}`;{hint} it has: {}",
+                        EVENT_KEYS.join(", ")
+                    ),
+                ));
+            }
+        }
+        true
+    });
+    errors
+}
+
 fn compile(engine: &Engine, path: &Path, source: &str) -> Result<Rule, RuleError> {
     let id = path
         .file_stem()
@@ -637,7 +714,9 @@ fn compile(engine: &Engine, path: &Path, source: &str) -> Result<Rule, RuleError
     let ast = engine
         .compile_with_scope(&base_scope(), source)
         .map_err(|e| located(path, e.1, e.0.to_string()))?;
-    if let Some(first) = unknown_calls(engine, path, &ast).into_iter().next() {
+    let mut problems = unknown_calls(engine, path, &ast);
+    problems.extend(unknown_event_properties(path, &ast));
+    if let Some(first) = problems.into_iter().min_by_key(|e| (e.line, e.col)) {
         return Err(first);
     }
     Ok(Rule {

@@ -367,6 +367,57 @@ async fn check_names_the_customer_property_that_does_not_exist() {
 }
 
 #[test]
+fn a_property_the_event_map_does_not_have_is_a_compile_error_that_points_to_properties() {
+    let f = facts(&[("nps_submitted", "2026-06-14T00:00:00Z", json!({"score": 3}))]);
+    let e = eval(
+        "let answer = last(\"nps_submitted\");\nif answer != () && answer.score <= 6 {\n    tag(\"x\");\n}\n",
+        &f,
+    )
+    .unwrap_err();
+    assert!(
+        e.starts_with("rules/r.rhai:2:27: last(…) gives #{name, at, properties}: no property `score`; the event's own data is in `.properties.score`; it has: name, at, properties"),
+        "{e}"
+    );
+    let e = eval("let t = last(\"login\").nme;", &f).unwrap_err();
+    assert!(
+        e.contains(
+            "1:23: last(…) gives #{name, at, properties}: no property `nme`; did you mean `name`?"
+        ),
+        "{e}"
+    );
+    // What the map has is fine; so are variables that are not (only) events.
+    let ok = [
+        "let answer = last(\"nps_submitted\");\nif answer != () && answer.properties.score <= 6 { tag(answer.name); }",
+        "let a = last(\"nps_submitted\");\na = #{ score: 1 };\nif a.score == 1 { tag(\"reassigned\"); }",
+        "fn score(answer) { answer.score }\nlet answer = last(\"nps_submitted\");\nif score(#{ score: 2 }) == 2 { tag(\"param\"); }",
+        "let a = last(\"nps_submitted\");\nif true { let a = #{ score: 4 }; if a.score == 4 { tag(\"shadowed\"); } }",
+    ];
+    for source in ok {
+        let actions = eval(source, &f).unwrap_or_else(|e| panic!("{source}\n{e}"));
+        assert_eq!(actions.len(), 1, "{source}");
+    }
+    // The list matches the map the rule API really builds.
+    let actions = eval(
+        "webhook(\"keys\", #{ keys: last(\"nps_submitted\").keys() });",
+        &f,
+    )
+    .unwrap();
+    let ActionRequest::Webhook { payload, .. } = &actions[0] else {
+        panic!("{actions:?}")
+    };
+    let mut seen: Vec<&str> = payload["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    seen.sort();
+    let mut known = engaged::engine::EVENT_KEYS.to_vec();
+    known.sort();
+    assert_eq!(seen, known);
+}
+
+#[test]
 fn a_call_with_the_wrong_argument_types_says_what_was_expected() {
     let f = facts(&[]);
     let e = eval("let n = count(7);", &f).unwrap_err();
