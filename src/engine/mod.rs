@@ -583,23 +583,21 @@ fn unknown_calls(engine: &Engine, path: &Path, ast: &AST) -> Vec<RuleError> {
         if let Some(rhai::ASTNode::Expr(rhai::Expr::Dot(dot, _, _))) = nodes.last()
             && let rhai::Expr::Variable(var, ..) = &dot.lhs
             && var.1.as_str() == "customer"
+            && let Some((name, pos)) = first_property(dot)
+            && !CUSTOMER_KEYS.contains(&name)
         {
-            if let Some((name, pos)) = first_property(dot)
-                && !CUSTOMER_KEYS.contains(&name)
-            {
-                let keys: Vec<String> = CUSTOMER_KEYS.iter().map(|k| (*k).to_owned()).collect();
-                let hint = nearest(name, keys.iter())
-                    .map(|n| format!(" did you mean `{n}`?"))
-                    .unwrap_or_default();
-                errors.push(located(
-                    path,
-                    pos,
-                    format!(
-                        "customer has no property `{name}`;{hint} customer has: {} (other data is in customer.traits)",
-                        CUSTOMER_KEYS.join(", ")
-                    ),
-                ));
-            }
+            let keys: Vec<String> = CUSTOMER_KEYS.iter().map(|k| (*k).to_owned()).collect();
+            let hint = nearest(name, keys.iter())
+                .map(|n| format!(" did you mean `{n}`?"))
+                .unwrap_or_default();
+            errors.push(located(
+                path,
+                pos,
+                format!(
+                    "customer has no property `{name}`;{hint} customer has: {} (other data is in customer.traits)",
+                    CUSTOMER_KEYS.join(", ")
+                ),
+            ));
         }
         if let Some(rhai::ASTNode::Expr(rhai::Expr::FnCall(call, pos))) = nodes.last() {
             let name = call.name.as_str();
