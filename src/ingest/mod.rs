@@ -148,12 +148,9 @@ pub async fn import_customers(
     let reader_task = tokio::task::spawn_blocking(move || {
         let mut batch = Batch::default();
         let mut record = csv::ByteRecord::new();
-        loop {
-            let result = reader.read_byte_record(&mut record);
-            let line = record_line(&reader, &record);
+        while let Some((line, result)) = next_record(&mut reader, &mut record) {
             match result {
-                Ok(false) => break,
-                Ok(true) => match customer_row(&headers, &record) {
+                Ok(()) => match customer_row(&headers, &record) {
                     Ok((patch, warnings)) => {
                         batch
                             .warnings
@@ -162,12 +159,9 @@ pub async fn import_customers(
                     }
                     Err(message) => batch.errors.push((line, message)),
                 },
-                Err(e) => {
-                    batch.errors.push((line, csv_error(&e)));
-                    if !matches!(
-                        e.kind(),
-                        csv::ErrorKind::UnequalLengths { .. } | csv::ErrorKind::Utf8 { .. }
-                    ) {
+                Err((e, go_on)) => {
+                    batch.errors.push((line, e));
+                    if !go_on {
                         break;
                     }
                 }
@@ -237,19 +231,13 @@ pub async fn import_suppressions(
         ..Default::default()
     };
     let mut record = csv::ByteRecord::new();
-    loop {
-        let result = reader.read_byte_record(&mut record);
-        let line = record_line(&reader, &record);
-        match result {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => {
-                report.reject(line, csv_error(&e));
-                if matches!(e.kind(), csv::ErrorKind::UnequalLengths { .. }) {
-                    continue;
-                }
-                break;
+    while let Some((line, result)) = next_record(&mut reader, &mut record) {
+        if let Err((e, go_on)) = result {
+            report.reject(line, e);
+            if go_on {
+                continue;
             }
+            break;
         }
         let field =
             |c: usize| std::str::from_utf8(record.get(c).unwrap_or_default()).map(str::trim);
@@ -278,6 +266,29 @@ pub async fn import_suppressions(
         }
     }
     Ok(report)
+}
+
+/// A bad CSV record: what is wrong, and whether reading can go on after it.
+type RecordError = (String, bool);
+
+/// Reads the next record and the line it starts on; `None` at the end.
+fn next_record(
+    reader: &mut CsvReader,
+    record: &mut csv::ByteRecord,
+) -> Option<(u64, Result<(), RecordError>)> {
+    let result = reader.read_byte_record(record);
+    let line = record_line(reader, record);
+    match result {
+        Ok(false) => None,
+        Ok(true) => Some((line, Ok(()))),
+        Err(e) => {
+            let go_on = matches!(
+                e.kind(),
+                csv::ErrorKind::UnequalLengths { .. } | csv::ErrorKind::Utf8 { .. }
+            );
+            Some((line, Err((csv_error(&e), go_on))))
+        }
+    }
 }
 
 /// The line a CSV record starts on. The csv crate notes a record's position
