@@ -137,20 +137,25 @@ pub(super) async fn trigger_run(
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     authorize(&state, &headers)?;
-    let now = state.clock.now();
-    state
+    // The ledger keys firings by (schedule, time): a second request in the
+    // same millisecond is queued a millisecond later, not merged into the first.
+    let mut at = state.clock.now();
+    while !state
         .store
         .record_firing(
             MANUAL_SCHEDULE,
-            now,
+            at,
             "pending",
             Some("requested over the admin API"),
-            now,
+            at,
         )
-        .await?;
+        .await?
+    {
+        at += chrono::Duration::milliseconds(1);
+    }
     state.run_requested.notify_one();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "queued": true, "at": now })),
+        Json(json!({ "queued": true, "at": at })),
     ))
 }

@@ -841,3 +841,27 @@ async fn the_zagreb_nightly_fires_once_a_night_at_local_0200_through_both_dst_ch
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_admin_run_requests_in_the_same_millisecond_queue_two_runs() {
+    let app = TestApp::new().await;
+    // The daemon's clock is frozen: both requests arrive at the same instant.
+    let d = Running::start(&app, at(NOW)).await;
+    let admin = format!("Bearer {ADMIN_TOKEN}");
+    let mut queued_at = Vec::new();
+    for _ in 0..2 {
+        let r = client()
+            .post(format!("{}/admin/runs", d.base))
+            .header("Authorization", &admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let body: serde_json::Value = r.json().await.unwrap();
+        queued_at.push(body["at"].as_str().unwrap().to_owned());
+    }
+    assert_ne!(queued_at[0], queued_at[1], "{queued_at:?}");
+    let firings = app.store().await.firings("manual").await.unwrap();
+    assert_eq!(firings.len(), 2, "{firings:?}");
+    d.stop().await;
+}
