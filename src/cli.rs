@@ -1337,9 +1337,6 @@ fn print_explain(r: &serde_json::Value) {
         if let Some(reply) = h["server_reply"].as_str() {
             line.push_str(&format!(" ({reply})"));
         }
-        if let Some(reason) = h["reason"].as_str() {
-            line.push_str(&format!(" — {reason}"));
-        }
         let dedup = &h["deduplicated"];
         if !dedup.is_null() {
             line.push_str(&format!(
@@ -1348,6 +1345,11 @@ fn print_explain(r: &serde_json::Value) {
                 dedup["last_run"],
                 dedup["last_at"].as_str().unwrap_or("?")
             ));
+        }
+        // Last, as a template error is several lines (the source line and a
+        // caret under the column): the rest is indented under this one.
+        if let Some(reason) = h["reason"].as_str() {
+            line.push_str(&format!(" — {}", reason.replace('\n', "\n      ")));
         }
         println!("{line}");
     }

@@ -49,16 +49,20 @@ impl Diagnostic {
     /// The one-line form, then the offending source line (read from the
     /// file) with a caret under the column, as compilers print it.
     pub fn pretty(&self) -> String {
-        let mut out = self.to_string();
-        if self.line == 0 {
-            return out;
+        let source = (self.line > 0)
+            .then(|| std::fs::read_to_string(&self.path).ok())
+            .flatten();
+        match source.as_deref().and_then(|t| t.lines().nth(self.line - 1)) {
+            Some(line) => self.pretty_with_line(line),
+            None => self.to_string(),
         }
-        let Ok(text) = std::fs::read_to_string(&self.path) else {
-            return out;
-        };
-        let Some(source) = text.lines().nth(self.line - 1) else {
-            return out;
-        };
+    }
+
+    /// Like [`pretty`](Self::pretty), with the source line given: for errors
+    /// found after loading, shown from the text that was loaded (the file may
+    /// have changed since).
+    pub fn pretty_with_line(&self, source: &str) -> String {
+        let source = source.trim_end_matches(['\r', '\n']);
         let number = self.line.to_string();
         let gutter = " ".repeat(number.len());
         let before: String = source
@@ -66,8 +70,7 @@ impl Diagnostic {
             .take(self.col.saturating_sub(1))
             .map(|c| if c == '\t' { '\t' } else { ' ' })
             .collect();
-        out.push_str(&format!("\n {number} | {source}\n {gutter} | {before}^"));
-        out
+        format!("{self}\n {number} | {source}\n {gutter} | {before}^")
     }
 }
 

@@ -465,7 +465,9 @@ impl Deliverer {
             .current()
             .templates
             .render(template, ctx)
-            .map_err(|e| permanent(&format!("template error: {e}")))
+            // The source line and a caret: this lands in the action's
+            // `last_error`, which `explain` shows as the reason.
+            .map_err(|e| permanent(&format!("template error: {}", e.pretty())))
     }
 
     async fn send(
@@ -594,6 +596,10 @@ fn log_result(id: i64, r: &AttemptResult) {
             tracing::warn!(action = id, %retry_at, "Delivery failed for now and will be retried: {error}")
         }
         AttemptResult::Failed { error } => {
+            // A template error's first line is `FILE:LINE:COL: message`; the
+            // source line and caret under it stay in `last_error` (explain),
+            // out of one-line logs.
+            let error = error.lines().next().unwrap_or_default();
             tracing::warn!(action = id, "Delivery failed permanently: {error}")
         }
         AttemptResult::Dead { error } => tracing::error!(action = id, "Delivery gave up: {error}"),

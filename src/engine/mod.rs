@@ -564,7 +564,10 @@ fn known_functions(engine: &Engine) -> HashSet<String> {
 }
 
 /// The closest known name, when it is close enough to be a typo.
-fn nearest<'a>(name: &str, known: impl Iterator<Item = &'a String>) -> Option<&'a String> {
+pub(crate) fn nearest<'a>(
+    name: &str,
+    known: impl Iterator<Item = &'a String>,
+) -> Option<&'a String> {
     known
         .filter(|k| !k.contains('$') && k.chars().next().is_some_and(char::is_alphabetic))
         .map(|k| (strsim::levenshtein(name, k), k))

@@ -464,6 +464,39 @@ async fn a_broken_template_fails_only_its_action() {
         error.contains("available: customer (") && error.contains("first_name"),
         "an undefined variable lists what is available: {error}"
     );
+    // Then the template line, with a caret under `customer.nickname`.
+    let lines: Vec<&str> = error.lines().collect();
+    assert_eq!(lines.len(), 3, "{error}");
+    assert!(
+        lines[0].starts_with("template error: ") && lines[0].contains("welcome.txt:4:7: undefined"),
+        "{error}"
+    );
+    assert_eq!(lines[1], " 4 | Hi {{ customer.nickname }}");
+    assert_eq!(lines[2], "   |       ^");
+    // `explain` shows it as the history's reason, the caret indented under it.
+    let text = app.engaged(&["explain", "new1", "--now", NOW]).await.stdout;
+    let shown: Vec<&str> = text.lines().collect();
+    let at = shown
+        .iter()
+        .position(|l| l.contains("failed — template error: ") && l.contains("welcome.txt:4:7:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(
+        shown[at + 1],
+        "       4 | Hi {{ customer.nickname }}",
+        "{text}"
+    );
+    assert_eq!(shown[at + 2], "         |       ^", "{text}");
+    let json = app
+        .engaged(&["explain", "new1", "--now", NOW, "--json"])
+        .await
+        .json();
+    let reasons: Vec<&str> = json["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["reason"].as_str())
+        .collect();
+    assert_eq!(reasons, [error], "the JSON keeps the reason as stored");
 }
 
 #[tokio::test(flavor = "multi_thread")]

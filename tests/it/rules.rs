@@ -237,6 +237,56 @@ async fn check_reports_rule_and_template_errors_as_file_line_col() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn check_finds_unknown_template_filters_and_tests_and_suggests_the_real_name() {
+    let app = TestApp::new().await;
+    // MiniJinja alone would only notice when the line renders, and the test
+    // sits in a branch that rarely does.
+    app.write(
+        "templates/typo.txt",
+        "---\nsubject: \"Hi {{ customer.name | titel }}\"\n---\nHi {{ customer.name | uper }},\n{% if orders is defined and orders is evn %}even{% endif %}\n",
+    );
+    let r = app.engaged(&["check"]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let find = |suffix: &str| {
+        lines
+            .iter()
+            .position(|l| l.ends_with(suffix))
+            .unwrap_or_else(|| panic!("no {suffix:?} in\n{}", r.stdout))
+    };
+    let at = find("templates/typo.txt:4:23: unknown filter \"uper\"; did you mean \"upper\"?");
+    assert_eq!(lines[at + 1], " 4 | Hi {{ customer.name | uper }},");
+    let caret_at = |col: usize| format!("   | {}^", " ".repeat(col - 1));
+    assert_eq!(lines[at + 2], caret_at(23));
+    let at = find("templates/typo.txt:5:39: unknown test \"evn\"; did you mean \"even\"?");
+    assert_eq!(lines[at + 2], caret_at(39));
+    // The subject's line and column are the file's.
+    let at = find("templates/typo.txt:2:33: unknown filter \"titel\"; did you mean \"title\"?");
+    assert_eq!(
+        lines[at + 1],
+        " 2 | subject: \"Hi {{ customer.name | titel }}\""
+    );
+    assert_eq!(lines[at + 2], caret_at(33));
+    assert!(r.stdout.contains("3 error(s)"), "{}", r.stdout);
+    // `run` reports it at load, like a syntax error, and does not start.
+    let r = app.engaged(&["run", "--now", NOW]).await;
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr
+            .contains("templates/typo.txt:4:23: unknown filter \"uper\""),
+        "{}",
+        r.stderr
+    );
+    // Real filters and tests are fine.
+    app.write(
+        "templates/typo.txt",
+        "---\nsubject: \"Hi {{ customer.name | title }}\"\n---\nHi {{ customer.name | upper }},\n{% if orders is defined and orders is even %}even{% endif %}\n",
+    );
+    let r = app.engaged(&["check"]).await;
+    assert_eq!(r.code, 0, "{}", r.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unknown_template_in_send_email_is_a_rule_error() {
     let app = TestApp::new().await;
     app.write("rules/typo.rhai", "send_email(\"welcom\");\n");
