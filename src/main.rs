@@ -6,7 +6,13 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    engaged::cli::main().await
+fn main() -> ExitCode {
+    // `engaged run --json | head` closes stdout early: end quietly like other
+    // Unix tools instead of panicking in println!.
+    sigpipe::reset();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+        .block_on(engaged::cli::main())
 }

@@ -822,3 +822,35 @@ async fn simulate_shows_a_customers_calendar_and_writes_nothing() {
     assert_eq!(store.outbox_counts().await.unwrap(), Default::default());
     assert_eq!(app.smtp.count(), 0, "nothing sent");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_piped_into_a_reader_that_stops_early_ends_quietly() {
+    use tokio::io::AsyncReadExt;
+    let app = TestApp::new().await;
+    let mut csv = String::from("id,email,created_at\n");
+    for i in 0..3000 {
+        csv.push_str(&format!("c{i},c{i}@example.com,2026-06-14T20:00:00Z\n"));
+    }
+    app.import_customers(&csv).await;
+    let mut child = app
+        .command(&["run", "--dry-run", "--json", "--now", NOW])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Like `| head -c 100`: read a little, then close the pipe.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 100];
+    stdout.read_exact(&mut first).await.unwrap();
+    drop(stdout);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !out.status.success(),
+        "the rest of the output could not be written: {stderr}"
+    );
+}
