@@ -399,7 +399,7 @@ pub async fn run(
         escalated,
         errored,
     }) = plan_and_commit(
-        &*store,
+        &store,
         &rules,
         default_owner,
         opts,
@@ -475,7 +475,7 @@ struct Committed {
 /// ledger the policies read (caps, dedup, open escalations) is the one the
 /// commit writes to, even with another run planning next door.
 async fn plan_and_commit(
-    store: &dyn Store,
+    store: &Arc<dyn Store>,
     rules: &RuleSet,
     default_owner: &Email,
     opts: &RunOptions,
@@ -488,9 +488,16 @@ async fn plan_and_commit(
     } else {
         Some(PlannerLock::acquire(store).await?)
     };
-    let result =
-        apply_policies_and_commit(store, rules, default_owner, opts, eval, summary, started_at)
-            .await;
+    let result = apply_policies_and_commit(
+        &**store,
+        rules,
+        default_owner,
+        opts,
+        eval,
+        summary,
+        started_at,
+    )
+    .await;
     if let Some(lock) = lock {
         lock.release().await?;
     }
@@ -605,17 +612,20 @@ async fn apply_policies_and_commit(
     }))
 }
 
-/// The planner lock, held from the policies to the commit of one run.
-struct PlannerLock<'a> {
-    store: &'a dyn Store,
+/// The planner lock, held from the policies to the commit of one run. Its
+/// lease is short and renewed while held, so a planner that dies (Ctrl-C on
+/// `engaged run`, a crash) blocks the others for at most one lease.
+struct PlannerLock {
+    store: Arc<dyn Store>,
     holder: String,
+    renewal: tokio::task::JoinHandle<()>,
 }
 
-impl<'a> PlannerLock<'a> {
-    /// Longer than any commit; a crashed holder's lock frees after it.
-    const LEASE: chrono::Duration = chrono::Duration::minutes(10);
+impl PlannerLock {
+    const LEASE: chrono::Duration = chrono::Duration::seconds(60);
+    const RENEW_EVERY: Duration = Duration::from_secs(15);
 
-    async fn acquire(store: &'a dyn Store) -> Result<Self, StoreError> {
+    async fn acquire(store: &Arc<dyn Store>) -> Result<Self, StoreError> {
         let holder = crate::unsubscribe::random_secret();
         let mut pause = Duration::from_millis(20);
         let mut told = false;
@@ -625,7 +635,7 @@ impl<'a> PlannerLock<'a> {
                 .try_lock_planner(&holder, now, now + Self::LEASE)
                 .await?
             {
-                return Ok(Self { store, holder });
+                break;
             }
             if !told {
                 tracing::info!("Another run is applying its policies; waiting for it to commit.");
@@ -634,9 +644,34 @@ impl<'a> PlannerLock<'a> {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
+        let renewal = {
+            let (store, holder) = (Arc::clone(store), holder.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Self::RENEW_EVERY).await;
+                    let now = Utc::now();
+                    match store
+                        .try_lock_planner(&holder, now, now + Self::LEASE)
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(
+                            "The planner lock's lease ran out while this run held it; another run may be planning too."
+                        ),
+                        Err(e) => tracing::warn!("Could not renew the planner lock: {e}"),
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            store: Arc::clone(store),
+            holder,
+            renewal,
+        })
     }
 
     async fn release(self) -> Result<(), StoreError> {
+        self.renewal.abort();
         self.store.unlock_planner(&self.holder).await
     }
 }
