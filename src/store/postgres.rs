@@ -9,7 +9,10 @@
 //!   of the same key record one action and one repeat;
 //! - the planner lock is one conditional `UPDATE` of one row;
 //! - firing claims serialise on a transaction-scoped advisory lock, so two
-//!   firings of one schedule never run at once.
+//!   firings of one schedule never run at once; plan commits take turns on
+//!   another (as SQLite's write lock makes them), which keeps commits of
+//!   overlapping keys from deadlocking;
+//! - a transaction that loses a deadlock anyway is run again whole.
 //!
 //! Multi-row writes bind one array per column and `unnest` them: a statement
 //! has a dozen parameters however many rows it writes (PostgreSQL allows
@@ -25,7 +28,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Postgres, Row};
+use sqlx::{Connection, PgPool, Postgres, Row};
 
 use super::*;
 use crate::domain::{Customer, CustomerId, CustomerPatch, Email, EngagementModel, Event};
@@ -36,9 +39,11 @@ const CHUNK: usize = 5_000;
 /// How often a transaction that lost a deadlock (or a serialisation check)
 /// to a concurrent one is tried again before the error is returned.
 const RETRIES: usize = 10;
-/// Key of the advisory lock that serialises firing claims (any constant
-/// unlikely to collide with another application's lock in the same database).
-const FIRING_LOCK: i64 = 0x656e_6761_6765_6401; // "engaged" + 1
+/// Keys of the advisory locks that serialise firing claims and plan
+/// commits (constants unlikely to collide with another application's locks
+/// in the same database: "engaged" and a number).
+const FIRING_LOCK: i64 = 0x656e_6761_6765_6401;
+const COMMIT_LOCK: i64 = 0x656e_6761_6765_6402;
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -56,15 +61,25 @@ impl PostgresStore {
                 message: e.to_string(),
             })?
             .application_name("engaged");
+        let connect_error = |e: sqlx::Error| StoreError::Connect {
+            url: redacted.clone(),
+            message: e.to_string(),
+        };
+        // One connection first, outside the pool: the pool retries a
+        // refused connection until its timeout and then reports only that
+        // it timed out; this says at once what is wrong.
+        sqlx::ConnectOptions::connect(&options)
+            .await
+            .map_err(connect_error)?
+            .close()
+            .await
+            .map_err(connect_error)?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await
-            .map_err(|e| StoreError::Connect {
-                url: redacted,
-                message: e.to_string(),
-            })?;
+            .map_err(connect_error)?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self { pool })
     }
@@ -94,6 +109,28 @@ fn is_retryable(e: &StoreError) -> bool {
             .and_then(|d| d.code())
             .is_some_and(|code| code == "40P01" || code == "40001"),
         _ => false,
+    }
+}
+
+/// Runs a whole transaction again when it lost a deadlock or a
+/// serialisation check to a concurrent one (it left nothing behind).
+async fn retrying<T, F, Fut>(what: &'static str, mut attempt_once: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match attempt_once().await {
+            Err(e) if is_retryable(&e) && attempt < RETRIES => {
+                attempt += 1;
+                tracing::info!(attempt, error = %e, "{what} lost to a concurrent transaction; trying again.");
+                // Jitter, so the same transactions do not meet in the same order again.
+                let pause = rand::random_range(10..50u64) * attempt as u64;
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            result => return result,
+        }
     }
 }
 
@@ -209,10 +246,144 @@ fn escalation_from_row(row: &PgRow) -> StoreResult<EscalationRecord> {
 type Tx = sqlx::Transaction<'static, Postgres>;
 
 impl PostgresStore {
-    /// One attempt at `commit_plan`; the caller retries it whole when a
-    /// concurrent commit of overlapping keys deadlocked with it.
+    async fn record_attempts_once(
+        &self,
+        claim_token: &str,
+        results: &[(i64, AttemptResult)],
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let at = to_millis(at);
+        // One statement per kind of outcome instead of one per row. An id
+        // listed twice keeps its first outcome, as applying them in order
+        // would (the first moves the row out of `sending`).
+        let mut seen = HashSet::new();
+        let mut sent: (Vec<i64>, Vec<String>) = Default::default();
+        let mut retry: (Vec<i64>, Vec<String>, Vec<i64>) = Default::default();
+        let mut wait: (Vec<i64>, Vec<String>, Vec<i64>) = Default::default();
+        let mut released: Vec<i64> = Vec::new();
+        // Final outcomes with a message: (ids, messages, statuses).
+        let mut finals: (Vec<i64>, Vec<String>, Vec<&str>) = Default::default();
+        for (id, result) in results {
+            if !seen.insert(*id) {
+                continue;
+            }
+            match result {
+                AttemptResult::Sent { detail } => {
+                    sent.0.push(*id);
+                    sent.1.push(detail.clone());
+                }
+                AttemptResult::Retry { error, retry_at } => {
+                    retry.0.push(*id);
+                    retry.1.push(error.clone());
+                    retry.2.push(to_millis(*retry_at));
+                }
+                AttemptResult::Released => released.push(*id),
+                AttemptResult::Wait { until, reason } => {
+                    wait.0.push(*id);
+                    wait.1.push(reason.clone());
+                    wait.2.push(to_millis(*until));
+                }
+                AttemptResult::Failed { error } => {
+                    finals.0.push(*id);
+                    finals.1.push(error.clone());
+                    finals.2.push("failed");
+                }
+                AttemptResult::Dead { error } => {
+                    finals.0.push(*id);
+                    finals.1.push(error.clone());
+                    finals.2.push("dead");
+                }
+                AttemptResult::Suppressed { reason } => {
+                    finals.0.push(*id);
+                    finals.1.push(reason.clone());
+                    finals.2.push("suppressed");
+                }
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        if !sent.0.is_empty() {
+            sqlx::query(
+                "UPDATE actions a SET status = 'sent', last_error = NULL, finished_at = $1, lease_until = NULL,
+                 payload = jsonb_set(a.payload::jsonb, '{delivery}', to_jsonb(u.detail))::text
+                 FROM unnest($2::bigint[], $3::text[]) AS u(id, detail)
+                 WHERE a.id = u.id AND a.status = 'sending' AND a.claim_token = $4",
+            )
+            .bind(at)
+            .bind(&sent.0)
+            .bind(&sent.1)
+            .bind(claim_token)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !retry.0.is_empty() {
+            sqlx::query(
+                "UPDATE actions a SET status = 'pending', last_error = u.error, next_attempt_at = u.retry_at,
+                 lease_until = NULL
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(id, error, retry_at)
+                 WHERE a.id = u.id AND a.status = 'sending' AND a.claim_token = $4",
+            )
+            .bind(&retry.0)
+            .bind(&retry.1)
+            .bind(&retry.2)
+            .bind(claim_token)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !released.is_empty() {
+            sqlx::query(
+                "UPDATE actions SET status = 'pending', attempts = attempts - 1, lease_until = NULL
+                 WHERE id = ANY($1) AND status = 'sending' AND claim_token = $2",
+            )
+            .bind(&released)
+            .bind(claim_token)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !wait.0.is_empty() {
+            sqlx::query(
+                "UPDATE actions a SET status = 'pending', attempts = attempts - 1, lease_until = NULL,
+                 next_attempt_at = u.until, last_error = u.reason
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(id, reason, until)
+                 WHERE a.id = u.id AND a.status = 'sending' AND a.claim_token = $4",
+            )
+            .bind(&wait.0)
+            .bind(&wait.1)
+            .bind(&wait.2)
+            .bind(claim_token)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !finals.0.is_empty() {
+            sqlx::query(
+                "UPDATE actions a SET status = u.status, last_error = u.message, finished_at = $1,
+                 lease_until = NULL
+                 FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(id, message, status)
+                 WHERE a.id = u.id AND a.status = 'sending' AND a.claim_token = $5",
+            )
+            .bind(at)
+            .bind(&finals.0)
+            .bind(&finals.1)
+            .bind(&finals.2)
+            .bind(claim_token)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One attempt at `commit_plan`; [`retrying`] runs it again whole if
+    /// it lost a deadlock.
     async fn commit_plan_once(&self, plan: &PlanCommit) -> StoreResult<CommitOutcome> {
         let mut tx = self.pool.begin().await?;
+        // One commit at a time per database, as SQLite's write lock gives.
+        // Dedup does not depend on it (the unique indexes decide), but two
+        // commits upserting overlapping keys in different orders deadlock,
+        // and PostgreSQL takes a second (deadlock_timeout) to notice.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(COMMIT_LOCK)
+            .execute(&mut *tx)
+            .await?;
         let now_ms = to_millis(plan.started_at);
         let plan_ms = to_millis(plan.now);
         let run_id: i64 = sqlx::query_scalar(
@@ -375,7 +546,8 @@ async fn insert_actions(
             "pending"
         }
     };
-    let finished = |a: &NewAction| (a.kind == OutboxKind::Tag || a.dropped.is_some()).then_some(now_ms);
+    let finished =
+        |a: &NewAction| (a.kind == OutboxKind::Tag || a.dropped.is_some()).then_some(now_ms);
     let rows = sqlx::query(
         "INSERT INTO actions (run_id, customer_id, rule, kind, dedup_key, payload, status,
                               next_attempt_at, created_at, finished_at, last_error, cap_at)
@@ -404,8 +576,18 @@ async fn insert_actions(
             .map(|a| a.not_before.map_or(now_ms, to_millis).max(now_ms))
             .collect::<Vec<i64>>(),
     )
-    .bind(chunk.iter().map(|a| finished(a)).collect::<Vec<Option<i64>>>())
-    .bind(chunk.iter().map(|a| a.dropped.clone()).collect::<Vec<Option<String>>>())
+    .bind(
+        chunk
+            .iter()
+            .map(|a| finished(a))
+            .collect::<Vec<Option<i64>>>(),
+    )
+    .bind(
+        chunk
+            .iter()
+            .map(|a| a.dropped.clone())
+            .collect::<Vec<Option<String>>>(),
+    )
     .bind(
         chunk
             .iter()
@@ -569,13 +751,43 @@ async fn patch_customers(tx: &mut Tx, now: i64, patches: &[&CustomerPatch]) -> S
     )
     .bind(now)
     .bind(strings(patches.iter().map(|p| p.id.as_str())))
-    .bind(patches.iter().map(|p| p.email.as_ref().map(|e| e.as_str().to_owned())).collect::<Vec<_>>())
+    .bind(
+        patches
+            .iter()
+            .map(|p| p.email.as_ref().map(|e| e.as_str().to_owned()))
+            .collect::<Vec<_>>(),
+    )
     .bind(patches.iter().map(|p| p.name.clone()).collect::<Vec<_>>())
-    .bind(patches.iter().map(|p| p.created_at.map(to_millis)).collect::<Vec<_>>())
-    .bind(patches.iter().map(|p| p.timezone.clone()).collect::<Vec<_>>())
-    .bind(patches.iter().map(|p| p.model.map(|m| m.as_str().to_owned())).collect::<Vec<_>>())
-    .bind(patches.iter().map(|p| p.owner.as_ref().map(|e| e.as_str().to_owned())).collect::<Vec<_>>())
-    .bind(patches.iter().map(|p| Value::Object(p.traits.clone()).to_string()).collect::<Vec<_>>())
+    .bind(
+        patches
+            .iter()
+            .map(|p| p.created_at.map(to_millis))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        patches
+            .iter()
+            .map(|p| p.timezone.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        patches
+            .iter()
+            .map(|p| p.model.map(|m| m.as_str().to_owned()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        patches
+            .iter()
+            .map(|p| p.owner.as_ref().map(|e| e.as_str().to_owned()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        patches
+            .iter()
+            .map(|p| Value::Object(p.traits.clone()).to_string())
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -641,7 +853,12 @@ impl Store for PostgresStore {
             .bind(strings(chunk.iter().map(|e| e.message_id.as_str())))
             .bind(strings(chunk.iter().map(|e| e.customer_id.as_str())))
             .bind(strings(chunk.iter().map(|e| e.name.as_str())))
-            .bind(chunk.iter().map(|e| e.properties.to_string()).collect::<Vec<_>>())
+            .bind(
+                chunk
+                    .iter()
+                    .map(|e| e.properties.to_string())
+                    .collect::<Vec<_>>(),
+            )
             .bind(chunk.iter().map(|e| to_millis(e.at)).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?
@@ -798,22 +1015,7 @@ impl Store for PostgresStore {
     }
 
     async fn commit_plan(&self, plan: PlanCommit) -> StoreResult<CommitOutcome> {
-        // Concurrent commits that share keys lock them in different orders
-        // and may deadlock; PostgreSQL aborts one, which is then run again
-        // whole (its transaction left nothing behind).
-        let mut attempt = 0;
-        loop {
-            match self.commit_plan_once(&plan).await {
-                Err(e) if is_retryable(&e) && attempt < RETRIES => {
-                    attempt += 1;
-                    tracing::info!(attempt, error = %e, "Committing the plan lost to a concurrent commit; trying again.");
-                    // Jitter, so the same commits do not meet in the same order again.
-                    let pause = rand::random_range(10..50u64) * attempt as u64;
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                }
-                result => return result,
-            }
-        }
+        retrying("Committing the plan", || self.commit_plan_once(&plan)).await
     }
 
     async fn try_lock_planner(
@@ -1074,124 +1276,12 @@ impl Store for PostgresStore {
         results: &[(i64, AttemptResult)],
         at: DateTime<Utc>,
     ) -> StoreResult<()> {
-        let at = to_millis(at);
-        // One statement per kind of outcome instead of one per row. An id
-        // listed twice keeps its first outcome, as applying them in order
-        // would (the first moves the row out of `sending`).
-        let mut seen = HashSet::new();
-        let mut sent: (Vec<i64>, Vec<String>) = Default::default();
-        let mut retry: (Vec<i64>, Vec<String>, Vec<i64>) = Default::default();
-        let mut wait: (Vec<i64>, Vec<String>, Vec<i64>) = Default::default();
-        let mut released: Vec<i64> = Vec::new();
-        // Final outcomes with a message: (ids, messages, statuses).
-        let mut finals: (Vec<i64>, Vec<String>, Vec<&str>) = Default::default();
-        for (id, result) in results {
-            if !seen.insert(*id) {
-                continue;
-            }
-            match result {
-                AttemptResult::Sent { detail } => {
-                    sent.0.push(*id);
-                    sent.1.push(detail.clone());
-                }
-                AttemptResult::Retry { error, retry_at } => {
-                    retry.0.push(*id);
-                    retry.1.push(error.clone());
-                    retry.2.push(to_millis(*retry_at));
-                }
-                AttemptResult::Released => released.push(*id),
-                AttemptResult::Wait { until, reason } => {
-                    wait.0.push(*id);
-                    wait.1.push(reason.clone());
-                    wait.2.push(to_millis(*until));
-                }
-                AttemptResult::Failed { error } => {
-                    finals.0.push(*id);
-                    finals.1.push(error.clone());
-                    finals.2.push("failed");
-                }
-                AttemptResult::Dead { error } => {
-                    finals.0.push(*id);
-                    finals.1.push(error.clone());
-                    finals.2.push("dead");
-                }
-                AttemptResult::Suppressed { reason } => {
-                    finals.0.push(*id);
-                    finals.1.push(reason.clone());
-                    finals.2.push("suppressed");
-                }
-            }
-        }
-        let mut tx = self.pool.begin().await?;
-        if !sent.0.is_empty() {
-            sqlx::query(
-                "UPDATE actions a SET status = 'sent', last_error = NULL, finished_at = $1, lease_until = NULL,
-                 payload = jsonb_set(a.payload::jsonb, '{delivery}', to_jsonb(u.detail))::text
-                 FROM unnest($2::bigint[], $3::text[]) AS u(id, detail)
-                 WHERE a.id = u.id AND a.status = 'sending' AND a.claim_token = $4",
-            )
-            .bind(at)
-            .bind(&sent.0)
-            .bind(&sent.1)
-            .bind(claim_token)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !retry.0.is_empty() {
-            sqlx::query(
-                "UPDATE actions a SET status = 'pending', last_error = u.error, next_attempt_at = u.retry_at,
-                 lease_until = NULL
-                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(id, error, retry_at)
-                 WHERE a.id = u.id AND a.status = 'sending' AND a.claim_token = $4",
-            )
-            .bind(&retry.0)
-            .bind(&retry.1)
-            .bind(&retry.2)
-            .bind(claim_token)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !released.is_empty() {
-            sqlx::query(
-                "UPDATE actions SET status = 'pending', attempts = attempts - 1, lease_until = NULL
-                 WHERE id = ANY($1) AND status = 'sending' AND claim_token = $2",
-            )
-            .bind(&released)
-            .bind(claim_token)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !wait.0.is_empty() {
-            sqlx::query(
-                "UPDATE actions a SET status = 'pending', attempts = attempts - 1, lease_until = NULL,
-                 next_attempt_at = u.until, last_error = u.reason
-                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(id, reason, until)
-                 WHERE a.id = u.id AND a.status = 'sending' AND a.claim_token = $4",
-            )
-            .bind(&wait.0)
-            .bind(&wait.1)
-            .bind(&wait.2)
-            .bind(claim_token)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !finals.0.is_empty() {
-            sqlx::query(
-                "UPDATE actions a SET status = u.status, last_error = u.message, finished_at = $1,
-                 lease_until = NULL
-                 FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(id, message, status)
-                 WHERE a.id = u.id AND a.status = 'sending' AND a.claim_token = $5",
-            )
-            .bind(at)
-            .bind(&finals.0)
-            .bind(&finals.1)
-            .bind(&finals.2)
-            .bind(claim_token)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        // A commit recording repeats on rows this batch holds can deadlock
+        // with it; either side is run again.
+        retrying("Recording delivery outcomes", || {
+            self.record_attempts_once(claim_token, results, at)
+        })
+        .await
     }
 
     async fn next_due_at(&self) -> StoreResult<Option<DateTime<Utc>>> {

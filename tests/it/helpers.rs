@@ -303,13 +303,15 @@ impl PgDb {
         use sqlx::Connection as _;
         let server = postgres_server_url();
         let shown = engaged::config::redact_url(&server);
-        let mut conn = sqlx::PgConnection::connect(&server).await.unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL is not reachable at {shown}: {e}\n\
+        let mut conn = sqlx::PgConnection::connect(&server)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is not reachable at {shown}: {e}\n\
                  The PostgreSQL tests need a server; start it, or set \
                  ENGAGED_TEST_POSTGRES_URL to one where this user may CREATE DATABASE."
-            )
-        });
+                )
+            });
         let name = format!(
             "engaged_t_{}_{:016x}",
             std::process::id(),
@@ -347,8 +349,8 @@ impl Drop for PgDb {
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                     "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
                 )))
-                    .execute(&mut conn)
-                    .await?;
+                .execute(&mut conn)
+                .await?;
                 conn.close().await
             })
         })

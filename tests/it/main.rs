@@ -9,6 +9,7 @@ mod hostile;
 mod import;
 mod pipeline;
 mod policy;
+mod postgres_e2e;
 mod properties;
 mod rules;
 mod smtp_selftest;

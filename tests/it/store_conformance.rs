@@ -235,7 +235,10 @@ async fn customers_are_inserted_then_patched_field_by_field(store: Arc<dyn Store
     assert_eq!(store.customer_count().await.unwrap(), 2);
 
     let c1 = store.customer(&cid("c1")).await.unwrap().unwrap();
-    assert_eq!(c1.email.as_ref().map(Email::as_str), Some("ana@example.com"));
+    assert_eq!(
+        c1.email.as_ref().map(Email::as_str),
+        Some("ana@example.com")
+    );
     assert_eq!(c1.name.as_deref(), Some("Ana Novak"));
     assert_eq!(c1.created_at, Some(t0()));
     assert_eq!(c1.timezone.as_deref(), Some("Europe/Zagreb"));
@@ -291,7 +294,8 @@ async fn customers_are_inserted_then_patched_field_by_field(store: Arc<dyn Store
 
 async fn repeated_message_ids_are_ignored_and_events_read_back_in_order(store: Arc<dyn Store>) {
     let day = Duration::days(1);
-    let props = json!({"amount": 12.5, "items": [1, 2], "note": "žnj \"q\"", "big": 9007199254740993u64});
+    let props =
+        json!({"amount": 12.5, "items": [1, 2], "note": "žnj \"q\"", "big": 9007199254740993u64});
     let e1 = event("m1", "c1", "login", t0() - day * 2, json!({}));
     let e2 = event("m2", "c1", "purchase", t0() - day, props.clone());
     let e3 = event("m3", "c2", "login", t0() - day * 3, json!({"via": "sso"}));
@@ -489,7 +493,11 @@ async fn committing_a_plan_counts_planned_and_deduplicated_and_records_repeats(
     assert_eq!(actions[0].created_at, t0());
     assert_eq!(actions[0].next_attempt_at, t0());
     assert_eq!(actions[0].finished_at, None);
-    assert_eq!(actions[2].finished_at, Some(t0()), "a tag is applied at once");
+    assert_eq!(
+        actions[2].finished_at,
+        Some(t0()),
+        "a tag is applied at once"
+    );
     assert_eq!(actions[4].finished_at, Some(t0()));
     assert_eq!(actions[4].last_error.as_deref(), Some("frequency cap"));
     assert_eq!(actions[5].next_attempt_at, t0() + Duration::hours(5));
@@ -499,7 +507,10 @@ async fn committing_a_plan_counts_planned_and_deduplicated_and_records_repeats(
         "a window already open: now"
     );
     assert_eq!(
-        store.tags_in_id_range(&cid("c1"), &cid("c3")).await.unwrap(),
+        store
+            .tags_in_id_range(&cid("c1"), &cid("c3"))
+            .await
+            .unwrap(),
         vec![(cid("c1"), "engaged".to_owned())]
     );
     let welcome_c1 = "c1\u{1f}welcome\u{1f}welcome".to_owned();
@@ -635,17 +646,11 @@ async fn held_emails_wait_for_approval_or_rejection(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(
-        claimed
-            .iter()
-            .map(|i| i.rule.as_str())
-            .collect::<Vec<_>>(),
+        claimed.iter().map(|i| i.rule.as_str()).collect::<Vec<_>>(),
         ["calm"]
     );
     assert_eq!(
-        store
-            .recent_email_counts(&[cid("c1")], t0())
-            .await
-            .unwrap(),
+        store.recent_email_counts(&[cid("c1")], t0()).await.unwrap(),
         HashMap::from([(cid("c1"), 1)])
     );
 
@@ -727,10 +732,7 @@ async fn held_emails_wait_for_approval_or_rejection(store: Arc<dyn Store>) {
         ["approved", "rejected"]
     );
     assert_eq!(
-        store
-            .recent_email_counts(&[cid("c2")], t0())
-            .await
-            .unwrap(),
+        store.recent_email_counts(&[cid("c2")], t0()).await.unwrap(),
         HashMap::from([(cid("c2"), 1)]),
         "a rejected email does not count"
     );
@@ -1056,13 +1058,16 @@ async fn the_frequency_cap_counts_emails_at_their_cap_time(store: Arc<dyn Store>
             .unwrap()
             .is_empty()
     );
-    assert!(store.recent_email_counts(&[], t0()).await.unwrap().is_empty());
+    assert!(
+        store
+            .recent_email_counts(&[], t0())
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Sending keeps counting; a failure stops counting.
-    let claimed = store
-        .claim_due(t0() + h, t0() + h * 2, 10)
-        .await
-        .unwrap();
+    let claimed = store.claim_due(t0() + h, t0() + h * 2, 10).await.unwrap();
     assert_eq!(claimed.len(), 3, "{claimed:?}");
     let token = claimed[0].claim_token.clone();
     let results: Vec<(i64, AttemptResult)> = claimed
@@ -1136,7 +1141,10 @@ async fn claims_lease_rows_and_only_the_current_claim_records_outcomes(store: Ar
     assert_eq!(store.next_due_at().await.unwrap(), Some(t0() + m(5)));
 
     // The leases expire: another worker takes all three over.
-    let taken = store.claim_due(t0() + m(6), t0() + m(11), 10).await.unwrap();
+    let taken = store
+        .claim_due(t0() + m(6), t0() + m(11), 10)
+        .await
+        .unwrap();
     assert_eq!(ids(&taken), ["c1", "c2", "c3"]);
     assert!(taken.iter().all(|i| i.attempts == 2));
     let token = taken[0].claim_token.clone();
@@ -1217,7 +1225,10 @@ async fn claims_lease_rows_and_only_the_current_claim_records_outcomes(store: Ar
     assert_eq!(store.next_due_at().await.unwrap(), Some(t0()));
 
     let h = Duration::hours(1);
-    let third = store.claim_due(t0() + h, t0() + h + m(5), 10).await.unwrap();
+    let third = store
+        .claim_due(t0() + h, t0() + h + m(5), 10)
+        .await
+        .unwrap();
     assert_eq!(ids(&third), ["c2", "c3", "c4"], "returned in id order");
     let token = third[0].claim_token.clone();
     store
@@ -1301,7 +1312,12 @@ async fn claims_lease_rows_and_only_the_current_claim_records_outcomes(store: Ar
 
 async fn the_planner_lock_has_one_holder_until_its_lease_ends(store: Arc<dyn Store>) {
     let m = Duration::minutes;
-    assert!(store.try_lock_planner("a", t0(), t0() + m(10)).await.unwrap());
+    assert!(
+        store
+            .try_lock_planner("a", t0(), t0() + m(10))
+            .await
+            .unwrap()
+    );
     assert!(
         store
             .try_lock_planner("a", t0() + m(1), t0() + m(11))
@@ -1373,7 +1389,11 @@ async fn suppressions_ignore_case(store: Arc<dyn Store>) {
             .unwrap()
     );
     assert_eq!(
-        store.suppression("ANA@example.com").await.unwrap().as_deref(),
+        store
+            .suppression("ANA@example.com")
+            .await
+            .unwrap()
+            .as_deref(),
         Some("unsubscribed")
     );
     assert_eq!(store.suppression("cy@example.com").await.unwrap(), None);
@@ -1489,7 +1509,13 @@ async fn firings_are_recorded_once_and_run_one_at_a_time_per_schedule(store: Arc
     );
     let run = store.commit_plan(plan(t0(), vec![])).await.unwrap();
     store
-        .finish_firing(&nightly0, "done", Some(run.run_id), Some("3 sent"), now + m(12))
+        .finish_firing(
+            &nightly0,
+            "done",
+            Some(run.run_id),
+            Some("3 sent"),
+            now + m(12),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -1730,7 +1756,10 @@ async fn concurrent_claimers_never_get_the_same_action(store: Arc<dyn Store>) {
     assert!(all.iter().all(|(_, attempts)| *attempts == 1));
     assert!(busy >= 1);
     let counts = store.outbox_counts().await.unwrap();
-    assert_eq!((counts.sent, counts.pending, counts.sending), (N as u64, 0, 0));
+    assert_eq!(
+        (counts.sent, counts.pending, counts.sending),
+        (N as u64, 0, 0)
+    );
 }
 
 async fn concurrent_commits_plan_each_key_once(store: Arc<dyn Store>) {
