@@ -190,3 +190,31 @@ async fn an_unreachable_postgres_server_is_named_without_its_password() {
     assert!(err.starts_with("invalid database url"), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_opening_a_fresh_postgres_database_at_once_migrate_it_once() {
+    let db = crate::helpers::PgDb::create().await;
+    let opened = futures::future::join_all((0..4).map(|_| engaged::store::open(&db.url))).await;
+    let stores: Vec<_> = opened
+        .into_iter()
+        .map(|s| s.unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    assert!(
+        stores[0]
+            .try_lock_planner("a", Utc::now(), Utc::now())
+            .await
+            .unwrap()
+    );
+    let applied: i64 = {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    };
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+        .unwrap()
+        .count();
+    assert_eq!(applied as usize, files);
+}

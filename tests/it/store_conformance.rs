@@ -12,8 +12,8 @@ use chrono::{DateTime, Duration, Utc};
 use engaged::domain::{CustomerId, CustomerPatch, Email, EngagementModel, Event};
 use engaged::plan::OutboxKind;
 use engaged::store::{
-    AttemptResult, Decision, EventInsert, NewAction, NewEscalation, PlanCommit, RuleCommitCounts,
-    RuleErrorRecord, Store, Upsert,
+    AttemptResult, Decision, EventInsert, FiringRecord, NewAction, NewEscalation, PlanCommit,
+    RuleCommitCounts, RuleErrorRecord, Store, Upsert,
 };
 use serde_json::{Value, json};
 
@@ -1525,24 +1525,19 @@ async fn firings_are_recorded_once_and_run_one_at_a_time_per_schedule(store: Arc
             fire_at: t0() + day
         })
     );
-    let got: Vec<(DateTime<Utc>, String, Option<i64>, Option<String>)> = store
-        .firings("nightly")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|f| (f.fire_at, f.status, f.run_id, f.note))
-        .collect();
+    let record = |fire_at, status: &str, run_id, note: Option<&str>| FiringRecord {
+        schedule: "nightly".into(),
+        fire_at,
+        status: status.into(),
+        run_id,
+        note: note.map(str::to_owned),
+    };
     assert_eq!(
-        got,
+        store.firings("nightly").await.unwrap(),
         vec![
-            (
-                t0() - day,
-                "skipped".into(),
-                None,
-                Some("missed while down".into())
-            ),
-            (t0(), "done".into(), Some(run.run_id), Some("3 sent".into())),
-            (t0() + day, "running".into(), None, None),
+            record(t0() - day, "skipped", None, Some("missed while down")),
+            record(t0(), "done", Some(run.run_id), Some("3 sent")),
+            record(t0() + day, "running", None, None),
         ]
     );
     assert!(store.firings("weekly").await.unwrap().is_empty());
