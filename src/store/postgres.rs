@@ -246,6 +246,82 @@ fn escalation_from_row(row: &PgRow) -> StoreResult<EscalationRecord> {
 type Tx = sqlx::Transaction<'static, Postgres>;
 
 impl PostgresStore {
+    async fn upsert_customers_once(&self, patches: &[CustomerPatch]) -> StoreResult<Vec<Upsert>> {
+        let mut tx = self.pool.begin().await?;
+        let now = to_millis(Utc::now());
+        let mut outcomes = Vec::with_capacity(patches.len());
+        for chunk in patches.chunks(CHUNK) {
+            // A file may name the same customer twice; later rows win, and
+            // each row after the first counts as an update. Rounds keep each
+            // id once per statement and apply repeats in file order.
+            let mut first: HashMap<&str, Upsert> = HashMap::new();
+            for (n, round) in rounds(chunk, |p| p.id.as_str()).into_iter().enumerate() {
+                let inserted = insert_new_customers(&mut tx, now, &round).await?;
+                let known: Vec<&CustomerPatch> = round
+                    .iter()
+                    .copied()
+                    .filter(|p| !inserted.contains(p.id.as_str()))
+                    .collect();
+                patch_customers(&mut tx, now, &known).await?;
+                if n == 0 {
+                    for p in &round {
+                        let outcome = if inserted.contains(p.id.as_str()) {
+                            Upsert::Inserted
+                        } else {
+                            Upsert::Updated
+                        };
+                        first.insert(p.id.as_str(), outcome);
+                    }
+                }
+            }
+            let mut told: HashSet<&str> = HashSet::new();
+            for p in chunk {
+                outcomes.push(if told.insert(p.id.as_str()) {
+                    first[p.id.as_str()]
+                } else {
+                    Upsert::Updated
+                });
+            }
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn insert_events_once(&self, events: &[Event]) -> StoreResult<EventInsert> {
+        let mut tx = self.pool.begin().await?;
+        let mut inserted = 0usize;
+        for chunk in events.chunks(CHUNK) {
+            // DO NOTHING (unlike DO UPDATE) copes with a key repeated in one
+            // statement: the second occurrence is a duplicate of the first.
+            inserted += sqlx::query(
+                "INSERT INTO events (message_id, customer_id, name, properties, at)
+                 SELECT u.message_id, u.customer_id, u.name, u.properties, u.at
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+                      WITH ORDINALITY AS u(message_id, customer_id, name, properties, at, n)
+                 ORDER BY u.n
+                 ON CONFLICT (message_id) DO NOTHING",
+            )
+            .bind(strings(chunk.iter().map(|e| e.message_id.as_str())))
+            .bind(strings(chunk.iter().map(|e| e.customer_id.as_str())))
+            .bind(strings(chunk.iter().map(|e| e.name.as_str())))
+            .bind(
+                chunk
+                    .iter()
+                    .map(|e| e.properties.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(chunk.iter().map(|e| to_millis(e.at)).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected() as usize;
+        }
+        tx.commit().await?;
+        Ok(EventInsert {
+            inserted,
+            duplicates: events.len() - inserted,
+        })
+    }
+
     async fn record_attempts_once(
         &self,
         claim_token: &str,
@@ -796,79 +872,16 @@ async fn patch_customers(tx: &mut Tx, now: i64, patches: &[&CustomerPatch]) -> S
 #[async_trait]
 impl Store for PostgresStore {
     async fn upsert_customers(&self, patches: &[CustomerPatch]) -> StoreResult<Vec<Upsert>> {
-        let mut tx = self.pool.begin().await?;
-        let now = to_millis(Utc::now());
-        let mut outcomes = Vec::with_capacity(patches.len());
-        for chunk in patches.chunks(CHUNK) {
-            // A file may name the same customer twice; later rows win, and
-            // each row after the first counts as an update. Rounds keep each
-            // id once per statement and apply repeats in file order.
-            let mut first: HashMap<&str, Upsert> = HashMap::new();
-            for (n, round) in rounds(chunk, |p| p.id.as_str()).into_iter().enumerate() {
-                let inserted = insert_new_customers(&mut tx, now, &round).await?;
-                let known: Vec<&CustomerPatch> = round
-                    .iter()
-                    .copied()
-                    .filter(|p| !inserted.contains(p.id.as_str()))
-                    .collect();
-                patch_customers(&mut tx, now, &known).await?;
-                if n == 0 {
-                    for p in &round {
-                        let outcome = if inserted.contains(p.id.as_str()) {
-                            Upsert::Inserted
-                        } else {
-                            Upsert::Updated
-                        };
-                        first.insert(p.id.as_str(), outcome);
-                    }
-                }
-            }
-            let mut told: HashSet<&str> = HashSet::new();
-            for p in chunk {
-                outcomes.push(if told.insert(p.id.as_str()) {
-                    first[p.id.as_str()]
-                } else {
-                    Upsert::Updated
-                });
-            }
-        }
-        tx.commit().await?;
-        Ok(outcomes)
+        // Two imports (or ingestion batches on two replicas) that touch the
+        // same customers in different orders can deadlock; the loser runs again.
+        retrying("Upserting customers", || {
+            self.upsert_customers_once(patches)
+        })
+        .await
     }
 
     async fn insert_events(&self, events: &[Event]) -> StoreResult<EventInsert> {
-        let mut tx = self.pool.begin().await?;
-        let mut inserted = 0usize;
-        for chunk in events.chunks(CHUNK) {
-            // DO NOTHING (unlike DO UPDATE) copes with a key repeated in one
-            // statement: the second occurrence is a duplicate of the first.
-            inserted += sqlx::query(
-                "INSERT INTO events (message_id, customer_id, name, properties, at)
-                 SELECT u.message_id, u.customer_id, u.name, u.properties, u.at
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
-                      WITH ORDINALITY AS u(message_id, customer_id, name, properties, at, n)
-                 ORDER BY u.n
-                 ON CONFLICT (message_id) DO NOTHING",
-            )
-            .bind(strings(chunk.iter().map(|e| e.message_id.as_str())))
-            .bind(strings(chunk.iter().map(|e| e.customer_id.as_str())))
-            .bind(strings(chunk.iter().map(|e| e.name.as_str())))
-            .bind(
-                chunk
-                    .iter()
-                    .map(|e| e.properties.to_string())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(chunk.iter().map(|e| to_millis(e.at)).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected() as usize;
-        }
-        tx.commit().await?;
-        Ok(EventInsert {
-            inserted,
-            duplicates: events.len() - inserted,
-        })
+        retrying("Inserting events", || self.insert_events_once(events)).await
     }
 
     async fn customer(&self, id: &CustomerId) -> StoreResult<Option<Customer>> {

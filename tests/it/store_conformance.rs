@@ -88,6 +88,7 @@ conformance!(
     large_batches_span_several_statements,
     concurrent_claimers_never_get_the_same_action,
     concurrent_commits_plan_each_key_once,
+    concurrent_imports_insert_each_customer_and_event_once,
 );
 
 // --- helpers ---
@@ -1807,4 +1808,73 @@ async fn concurrent_commits_plan_each_key_once(store: Arc<dyn Store>) {
         repeats += a.repeats as usize;
     }
     assert_eq!(repeats, KEYS * (COMMITS - 1));
+}
+
+async fn concurrent_imports_insert_each_customer_and_event_once(store: Arc<dyn Store>) {
+    const N: usize = 300;
+    const IMPORTS: usize = 4;
+    // The same customers and events, in a different order per import (as
+    // ingestion batches on several replicas would send them).
+    let tasks: Vec<_> = (0..IMPORTS)
+        .map(|n| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut patches: Vec<CustomerPatch> = (0..N)
+                    .map(|i| CustomerPatch {
+                        id: cid(&format!("c{i:03}")),
+                        email: Some(addr(&format!("c{i:03}@example.com"))),
+                        traits: map(json!({ format!("import{n}"): true })),
+                        ..Default::default()
+                    })
+                    .collect();
+                let mut events: Vec<Event> = (0..N)
+                    .map(|i| {
+                        event(
+                            &format!("m{i}"),
+                            &format!("c{i:03}"),
+                            "login",
+                            t0(),
+                            json!({}),
+                        )
+                    })
+                    .collect();
+                patches.rotate_left(n * 71);
+                events.rotate_left(n * 71);
+                if n % 2 == 1 {
+                    patches.reverse();
+                    events.reverse();
+                }
+                let upserts = store.upsert_customers(&patches).await.unwrap();
+                let inserted = store.insert_events(&events).await.unwrap();
+                (
+                    upserts.iter().filter(|u| **u == Upsert::Inserted).count(),
+                    inserted,
+                )
+            })
+        })
+        .collect();
+    let mut customers_inserted = 0;
+    let mut events_inserted = 0;
+    let mut duplicates = 0;
+    for t in tasks {
+        let (c, e) = t.await.unwrap();
+        customers_inserted += c;
+        events_inserted += e.inserted;
+        duplicates += e.duplicates;
+    }
+    assert_eq!(customers_inserted, N, "each customer is new to one import");
+    assert_eq!(events_inserted, N);
+    assert_eq!(duplicates, N * (IMPORTS - 1));
+    assert_eq!(store.customer_count().await.unwrap(), N as u64);
+    // Every import's traits were merged in.
+    let c = store.customer(&cid("c123")).await.unwrap().unwrap();
+    assert_eq!(c.traits.len(), IMPORTS, "{:?}", c.traits);
+    assert_eq!(
+        store
+            .events_in_id_range(&cid("c000"), &cid("c999"), t0())
+            .await
+            .unwrap()
+            .len(),
+        N
+    );
 }
