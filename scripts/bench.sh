@@ -3,9 +3,15 @@
 # delivery into postfix's smtp-sink. Prints the numbers BENCHMARKS.md records.
 #
 #   scripts/bench.sh [CUSTOMERS] [EVENTS_PER_CUSTOMER]
+#   BENCH_DATABASE_URL=postgres://postgres@127.0.0.1/engaged_bench scripts/bench.sh 20000 10
+#
+# With BENCH_DATABASE_URL (postgres://…) the store is that PostgreSQL
+# database, dropped and created afresh first (with psql, through the server's
+# `postgres` database); otherwise a fresh SQLite file in ./bench-data/.
 #
 # Needs: apt-get (to fetch the postfix package; nothing is installed or
-# started system-wide), /usr/bin/time. Everything goes to ./bench-data/.
+# started system-wide), /usr/bin/time, psql for PostgreSQL. Everything else
+# goes to ./bench-data/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CUSTOMERS="${1:-100000}"
@@ -31,9 +37,17 @@ export LD_LIBRARY_PATH="$PWD/target/postfix/usr/lib/postfix"
 SINK_PID=$!
 trap 'kill $SINK_PID 2>/dev/null || true' EXIT
 
+DB_URL="${BENCH_DATABASE_URL:-sqlite://$OUT/engaged.db}"
+case "$DB_URL" in
+  postgres://*|postgresql://*)
+    DB_NAME="${DB_URL##*/}"; DB_NAME="${DB_NAME%%\?*}"
+    psql -q "${DB_URL%/*}/postgres" -c "DROP DATABASE IF EXISTS $DB_NAME WITH (FORCE)" -c "CREATE DATABASE $DB_NAME"
+    ;;
+esac
+
 cat > "$OUT/engaged.toml" <<TOML
 [database]
-url = "sqlite://$OUT/engaged.db"
+url = "$DB_URL"
 [rules]
 dir = "$PWD/rules"
 [templates]

@@ -466,14 +466,29 @@ where
     }
 }
 
-/// A URL with its password replaced by `***`, for messages.
+/// A URL with its password replaced by `***`, for messages. A URL too
+/// broken to parse (a bad port, say) still has `user:password@` masked.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
             u.to_string()
         }
-        _ => raw.to_owned(),
+        Ok(_) => raw.to_owned(),
+        Err(_) => {
+            let Some((scheme, rest)) = raw.split_once("://") else {
+                return raw.to_owned();
+            };
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(authority_end);
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) if userinfo.contains(':') => {
+                    let user = userinfo.split(':').next().unwrap_or_default();
+                    format!("{scheme}://{user}:***@{host}{tail}")
+                }
+                _ => raw.to_owned(),
+            }
+        }
     }
 }
 
@@ -487,6 +502,23 @@ mod tests {
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
             Path::new("engaged.toml"),
         )
+    }
+
+    #[test]
+    fn passwords_are_redacted_even_in_urls_that_do_not_parse() {
+        assert_eq!(
+            redact_url("postgres://u:pw@db.example:5432/x"),
+            "postgres://u:***@db.example:5432/x"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@w@db.example:nope/x?sslmode=require"),
+            "postgres://u:***@db.example:nope/x?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://u@db:nope/x"),
+            "postgres://u@db:nope/x"
+        );
+        assert_eq!(redact_url("sqlite://engaged.db"), "sqlite://engaged.db");
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! - [`domain`]: ids, email addresses, customers and events, parsed once at the edge.
 //! - [`config`]: typed, strict settings with working defaults and `ENGAGED_*` overrides.
 //! - [`ingest`]: CSV and Segment JSON-lines parsing (pure) and streaming import.
-//! - [`store`]: the `Store` trait and its SQLite implementation.
+//! - [`store`]: the `Store` trait, its SQLite (embedded default) and PostgreSQL (replicas)
+//!   implementations, and their migrations; one conformance suite runs on both.
 //! - [`facts`]: a customer's events as of `now`, and the questions rules ask of them.
 //! - [`fixtures`]: `engaged test`: rule fixtures run against the real engine.
 //! - [`engine`]: the locked-down Rhai engine; evaluates rules into planned actions, no I/O.

@@ -1,10 +1,18 @@
-//! Storage behind one trait. `sqlite.rs` is the embedded default; a
-//! PostgreSQL implementation plugs in behind the same trait (and both will
-//! then run one conformance suite).
+//! Storage behind one trait, with two implementations that pass one
+//! conformance suite (`tests/it/store_conformance.rs`):
 //!
-//! Times cross this boundary as `DateTime<Utc>` and are stored as Unix
-//! milliseconds, which both databases index and compare cheaply.
+//! - `sqlite.rs`: the embedded default (`sqlite://PATH`), one process or a
+//!   few on one machine;
+//! - `postgres.rs`: several replicas sharing one PostgreSQL
+//!   (`postgres://` or `postgresql://`); claims skip rows other replicas
+//!   hold, dedup is enforced by unique indexes.
+//!
+//! [`open`] picks one by the URL's scheme and applies its migrations
+//! (`migrations/sqlite/`, `migrations/postgres/`). Times cross this boundary
+//! as `DateTime<Utc>` and are stored as Unix milliseconds, which both
+//! databases index and compare cheaply.
 
+mod postgres;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashSet};
@@ -17,6 +25,7 @@ use serde_json::Value;
 use crate::domain::{Customer, CustomerId, CustomerPatch, Event};
 use crate::plan::OutboxKind;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// Errors from storage.
@@ -31,10 +40,14 @@ pub enum StoreError {
         table: &'static str,
         message: String,
     },
-    #[error(
-        "unsupported database url {0:?}; use sqlite://PATH (postgres:// arrives with the scale-out work)"
-    )]
+    #[error("unsupported database url {0:?}; use sqlite://PATH or postgres://USER@HOST/DATABASE")]
     UnsupportedUrl(String),
+    /// The URL names PostgreSQL but does not parse (`url` is redacted).
+    #[error("invalid database url {url}: {message}")]
+    BadUrl { url: String, message: String },
+    /// The database server did not answer or refused us (`url` is redacted).
+    #[error("cannot connect to the database at {url}: {message}")]
+    Connect { url: String, message: String },
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -535,6 +548,8 @@ pub trait Store: Send + Sync {
 pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(std::sync::Arc::new(SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(PostgresStore::open(url).await?))
     } else {
         Err(StoreError::UnsupportedUrl(crate::config::redact_url(url)))
     }

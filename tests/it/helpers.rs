@@ -1,6 +1,7 @@
-//! `TestApp`: an isolated working directory (config, SQLite file, copies of
-//! the shipped rules and templates) wired to a real in-process SMTP server,
-//! plus typed helpers to run the real `engaged` binary against it.
+//! `TestApp`: an isolated working directory (config, SQLite file or a fresh
+//! PostgreSQL database, copies of the shipped rules and templates) wired to a
+//! real in-process SMTP server, plus typed helpers to run the real `engaged`
+//! binary against it. `PgDb`: a fresh PostgreSQL database per test.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -20,6 +21,8 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub struct TestApp {
     pub dir: TempDir,
     pub smtp: SmtpServer,
+    /// The app's PostgreSQL database, if it uses one instead of SQLite.
+    pub pg: Option<PgDb>,
 }
 
 /// Output of one `engaged` invocation.
@@ -81,7 +84,17 @@ impl TestApp {
         let app = Self {
             dir,
             smtp: SmtpServer::start().await,
+            pg: None,
         };
+        app.write_config("");
+        app
+    }
+
+    /// Like [`TestApp::new`], on a fresh PostgreSQL database of its own
+    /// (dropped with the app). Panics when PostgreSQL is not reachable.
+    pub async fn with_postgres() -> Self {
+        let mut app = Self::new().await;
+        app.pg = Some(PgDb::create().await);
         app.write_config("");
         app
     }
@@ -91,7 +104,10 @@ impl TestApp {
     }
 
     pub fn db_url(&self) -> String {
-        format!("sqlite://{}", self.path("engaged.db").display())
+        match &self.pg {
+            Some(pg) => pg.url.clone(),
+            None => format!("sqlite://{}", self.path("engaged.db").display()),
+        }
     }
 
     /// Writes `engaged.toml`: SMTP to the test server, fast retries, with
@@ -259,6 +275,88 @@ fn merge(base: &mut toml::Table, extra: toml::Table) {
             (_, value) => {
                 base.insert(key, value);
             }
+        }
+    }
+}
+
+/// The PostgreSQL server tests create their databases on:
+/// `ENGAGED_TEST_POSTGRES_URL`, else the local service CI runs with.
+pub fn postgres_server_url() -> String {
+    std::env::var("ENGAGED_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh PostgreSQL database for one test (`engaged_t_<pid>_<random>`),
+/// so tests run in parallel without seeing each other's rows. Dropped, with
+/// any connections still open to it, when this value is.
+pub struct PgDb {
+    /// The database's URL, for `engaged::store::open` or a config file.
+    pub url: String,
+    name: String,
+    server: String,
+}
+
+impl PgDb {
+    /// Creates the database; panics naming the server when PostgreSQL is
+    /// unreachable (these tests never skip).
+    pub async fn create() -> Self {
+        use sqlx::Connection as _;
+        let server = postgres_server_url();
+        let shown = engaged::config::redact_url(&server);
+        let mut conn = sqlx::PgConnection::connect(&server)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is not reachable at {shown}: {e}\n\
+                 The PostgreSQL tests need a server; start it, or set \
+                 ENGAGED_TEST_POSTGRES_URL to one where this user may CREATE DATABASE."
+                )
+            });
+        let name = format!(
+            "engaged_t_{}_{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("creating database {name} on {shown}: {e}"));
+        let _ = conn.close().await;
+        let mut url = url::Url::parse(&server).expect("ENGAGED_TEST_POSTGRES_URL is a URL");
+        url.set_path(&name);
+        Self {
+            url: url.to_string(),
+            name,
+            server,
+        }
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime (or while a panic unwinds), where
+        // blocking on async work is not allowed: a thread with its own runtime.
+        let server = self.server.clone();
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            use sqlx::Connection as _;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&server).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await?;
+                conn.close().await
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = dropped {
+            eprintln!("could not drop test database {}: {e}", self.name);
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Integration tests: one binary, real parts (SQLite files, a real SMTP
-//! server over TCP, the real `engaged` executable).
+//! Integration tests: one binary, real parts (SQLite files, PostgreSQL
+//! databases, a real SMTP server over TCP, the real `engaged` executable).
 
 mod daemon;
 mod docs;
@@ -9,7 +9,9 @@ mod hostile;
 mod import;
 mod pipeline;
 mod policy;
+mod postgres_e2e;
 mod properties;
 mod rules;
 mod smtp_selftest;
 mod smtp_server;
+mod store_conformance;

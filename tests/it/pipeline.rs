@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::helpers::{DEFAULT_OWNER, NOW, TestApp, track};
 
-const CUSTOMERS: &str = "\
+pub(crate) const CUSTOMERS: &str = "\
 id,email,name,created_at,timezone,model,owner,plan
 new1,ana@example.com,Ana Novak,2026-06-14T20:00:00Z,Europe/Zagreb,low-touch,,pro
 tip2,ben@example.com,Ben Ito,2026-06-11T12:00:00Z,,low-touch,,starter
@@ -21,7 +21,7 @@ idle,gus@example.com,Gus Roe,2026-01-01T00:00:00Z,,low-touch,,
 quiet,hal@example.com,Hal Poe,2026-04-01T00:00:00Z,,low-touch,,
 ";
 
-fn events() -> String {
+pub(crate) fn events() -> String {
     let mut lines = vec![
         track("stall", "login", "2026-06-05T01:00:00Z", json!({})),
         track(
@@ -97,7 +97,7 @@ fn events() -> String {
 }
 
 /// What the shipped rules must send for the dataset above, as (recipient, subject).
-fn expected() -> BTreeSet<(String, String)> {
+pub(crate) fn expected() -> BTreeSet<(String, String)> {
     [
         ("ana@example.com", "Welcome aboard, Ana!"),
         ("ben@example.com", "Tip 2: automate the boring parts"),
@@ -128,7 +128,7 @@ async fn app_with_data() -> TestApp {
     app
 }
 
-fn received(app: &TestApp) -> BTreeSet<(String, String)> {
+pub(crate) fn received(app: &TestApp) -> BTreeSet<(String, String)> {
     app.smtp
         .messages()
         .iter()
