@@ -218,3 +218,17 @@ async fn replicas_opening_a_fresh_postgres_database_at_once_migrate_it_once() {
         .count();
     assert_eq!(applied as usize, files);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_url_that_requires_tls_connects_over_tls() {
+    // sslmode=require refuses a plain connection, so opening and using the
+    // store proves TLS was negotiated (the local server has a certificate).
+    let db = crate::helpers::PgDb::create().await;
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.query_pairs_mut().append_pair("sslmode", "require");
+    let store = engaged::store::open(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(store.customer_count().await.unwrap(), 0);
+    store.ping().await.unwrap();
+}
