@@ -43,6 +43,9 @@ pub struct Daemon {
     run_requested: Arc<Notify>,
     delivery_wake: Arc<Notify>,
     default_owner: Email,
+    /// The firing being run, so a shutdown that interrupts it can queue it
+    /// again instead of leaving it leased.
+    running: std::sync::Mutex<Option<Firing>>,
 }
 
 impl Daemon {
@@ -92,6 +95,7 @@ impl Daemon {
             run_requested: Arc::new(Notify::new()),
             delivery_wake: Arc::new(Notify::new()),
             default_owner,
+            running: std::sync::Mutex::new(None),
         }))
     }
 
@@ -153,7 +157,13 @@ impl Daemon {
         let Some(firing) = self.store.claim_firing(now, now + FIRING_LEASE).await? else {
             return Ok(None);
         };
-        match self.run_firing(&firing).await {
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(firing.clone());
+        let result = self.run_firing(&firing).await;
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match result {
             Ok(summary) => {
                 self.store
                     .finish_firing(&firing, "done", summary.run_id, None, self.clock.now())
@@ -386,10 +396,32 @@ impl Daemon {
                 "Sends still in flight after the grace period; their leases will expire and another process will deliver them."
             );
         }
-        if tokio::time::timeout(grace, runs).await.is_err() {
-            tracing::warn!(
-                "A run was still planning at shutdown; its firing runs again when its lease expires."
-            );
+        let mut runs = runs;
+        if tokio::time::timeout(grace, &mut runs).await.is_err() {
+            // Nothing of an unfinished plan is committed (one transaction),
+            // so the firing can simply be run again.
+            runs.abort();
+            let _ = runs.await;
+            let interrupted = self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(firing) = interrupted {
+                tracing::warn!(
+                    schedule = %firing.schedule,
+                    "A run was still planning at shutdown; it was stopped and its firing is queued again."
+                );
+                self.store
+                    .finish_firing(
+                        &firing,
+                        "pending",
+                        None,
+                        Some("interrupted by a shutdown; queued again"),
+                        self.clock.now(),
+                    )
+                    .await?;
+            }
         }
         let _ = tokio::time::timeout(grace, http).await;
         reload.abort();

@@ -676,6 +676,14 @@ impl PlannerLock {
     }
 }
 
+impl Drop for PlannerLock {
+    /// A run dropped mid-plan (a shutdown) stops renewing; the lease then
+    /// frees the lock.
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
 /// The (customer, rule) of every escalation in a plan.
 fn escalation_pairs(outgoing: &[Outgoing]) -> Vec<(CustomerId, String)> {
     outgoing

@@ -298,7 +298,7 @@ pub struct ActionRecord {
     pub next_attempt_at: DateTime<Utc>,
     pub payload: Value,
     /// How many later runs wanted this action again (deduplicated), and the
-    /// last of them.
+    /// last of them (not recorded for tags, which re-fire every night).
     pub repeats: u32,
     pub repeated_run: Option<i64>,
     pub repeated_at: Option<DateTime<Utc>>,

@@ -636,6 +636,7 @@ async fn insert_actions(
          ORDER BY u.n
          ON CONFLICT (dedup_key) DO UPDATE SET repeats = actions.repeats + 1,
              repeated_run = EXCLUDED.run_id, repeated_at = $13
+             WHERE actions.kind <> 'tag'
          RETURNING dedup_key, run_id",
     )
     .bind(run_id)

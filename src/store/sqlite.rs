@@ -439,10 +439,12 @@ impl Store for SqliteStore {
                     .push_bind(a.dropped.clone())
                     .push_bind(a.not_before.map_or(plan_ms, to_millis).max(plan_ms));
             });
+            // Tags re-fire for most customers every night and carry no
+            // story worth a write each time: their repeats are not recorded.
             qb.push(" ON CONFLICT (dedup_key) DO UPDATE SET repeats = repeats + 1, ");
             qb.push("repeated_run = excluded.run_id, repeated_at = ");
             qb.push_bind(plan_ms);
-            qb.push(" RETURNING dedup_key, run_id");
+            qb.push(" WHERE actions.kind <> 'tag' RETURNING dedup_key, run_id");
             let mut inserted: HashSet<String> = HashSet::new();
             for r in qb.build().fetch_all(&mut *tx).await? {
                 if r.try_get::<i64, _>(1)? == run_id {

@@ -865,3 +865,61 @@ async fn two_admin_run_requests_in_the_same_millisecond_queue_two_runs() {
     assert_eq!(firings.len(), 2, "{firings:?}");
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_interrupted_by_shutdown_is_queued_again_and_runs_at_the_next_start() {
+    let app = TestApp::new().await;
+    app.write_config("[delivery]\nshutdown_grace_ms = 300\n");
+    app.import_customers(
+        "id,email,name,created_at\nnew1,ana@example.com,Ana,2026-06-14T20:00:00Z\n",
+    )
+    .await;
+    // Another planner holds the lock, so the run waits mid-plan.
+    let store = app.store().await;
+    let wall = Utc::now();
+    assert!(
+        store
+            .try_lock_planner("elsewhere", wall, wall + chrono::Duration::hours(1))
+            .await
+            .unwrap()
+    );
+    let d = Running::start(&app, at(NOW)).await;
+    let r = client()
+        .post(format!("{}/admin/runs", d.base))
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let status = |store: Arc<dyn engaged::store::Store>| async move {
+        store.firings("manual").await.unwrap()[0].status.clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(Arc::clone(&store)).await != "running" {
+        assert!(Instant::now() < deadline, "the run never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.stop().await;
+    let firing = &store.firings("manual").await.unwrap()[0];
+    assert_eq!(firing.status, "pending", "{firing:?}");
+    assert_eq!(
+        firing.note.as_deref(),
+        Some("interrupted by a shutdown; queued again")
+    );
+    assert!(
+        store.runs(10).await.unwrap().is_empty(),
+        "nothing committed"
+    );
+
+    // The lock is free again: the next start runs the firing.
+    store.unlock_planner("elsewhere").await.unwrap();
+    let d = Running::start(&app, at(NOW)).await;
+    let sent = app.smtp.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(sent[0].rcpt_to[0], "ana@example.com");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(Arc::clone(&store)).await != "done" {
+        assert!(Instant::now() < deadline, "the firing never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.stop().await;
+}

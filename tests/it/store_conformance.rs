@@ -541,6 +541,7 @@ async fn committing_a_plan_counts_planned_and_deduplicated_and_records_repeats(
             vec![
                 email("c1", "welcome", "welcome"),
                 email("c4", "welcome", "welcome"),
+                tag("c1", "level", "engaged"),
             ],
         ))
         .await
@@ -548,7 +549,16 @@ async fn committing_a_plan_counts_planned_and_deduplicated_and_records_repeats(
     assert!(run2.run_id > run1.run_id);
     assert_eq!(
         run2.per_rule,
-        BTreeMap::from([("welcome".to_owned(), counts(1, 1))])
+        BTreeMap::from([
+            ("welcome".to_owned(), counts(1, 1)),
+            ("level".to_owned(), counts(0, 1)),
+        ])
+    );
+    let level = &store.actions_for_run(run1.run_id).await.unwrap()[2];
+    assert_eq!(
+        (level.kind.as_str(), level.repeats, level.repeated_run),
+        ("tag", 0, None),
+        "a tag's repeats are counted in the run, not written to it"
     );
     let original = action_by_key(&*store, "c1", &welcome_c1).await;
     assert_eq!(original.run_id, run1.run_id);
