@@ -13,6 +13,7 @@
 //! databases index and compare cheaply.
 
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashSet};

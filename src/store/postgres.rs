@@ -27,11 +27,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgPool, Postgres, Row};
 
+use super::rows::{
+    action_from_row, corrupt, customer_from_row, decision_from_row, escalation_from_row,
+    event_from_row, id_of, json_of,
+};
 use super::*;
-use crate::domain::{Customer, CustomerId, CustomerPatch, Email, EngagementModel, Event};
+use crate::domain::{Customer, CustomerId, CustomerPatch, Event};
 
 /// Rows per multi-row statement. Arrays keep the parameter count fixed, so
 /// this only bounds the size of one statement and of its RETURNING rows.
@@ -83,21 +87,6 @@ impl PostgresStore {
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self { pool })
     }
-}
-
-fn corrupt(table: &'static str, message: impl Into<String>) -> StoreError {
-    StoreError::Corrupt {
-        table,
-        message: message.into(),
-    }
-}
-
-fn json_of(text: &str, table: &'static str) -> StoreResult<Value> {
-    serde_json::from_str(text).map_err(|e| corrupt(table, e.to_string()))
-}
-
-fn id_of(raw: &str, table: &'static str) -> StoreResult<CustomerId> {
-    CustomerId::parse(raw).map_err(|e| corrupt(table, e.to_string()))
 }
 
 /// Whether a transaction failed only because a concurrent one won (a
@@ -154,93 +143,6 @@ fn rounds<'a, T, K: Hash + Eq>(items: &'a [T], key: impl Fn(&'a T) -> K) -> Vec<
 
 fn strings<'a>(items: impl Iterator<Item = &'a str>) -> Vec<String> {
     items.map(str::to_owned).collect()
-}
-
-fn customer_from_row(row: &PgRow) -> StoreResult<Customer> {
-    let id: String = row.try_get("id")?;
-    let email: Option<String> = row.try_get("email")?;
-    let owner: Option<String> = row.try_get("owner")?;
-    let model: String = row.try_get("model")?;
-    let traits: String = row.try_get("traits")?;
-    let traits = match json_of(&traits, "customers")? {
-        Value::Object(m) => m,
-        _ => serde_json::Map::new(),
-    };
-    Ok(Customer {
-        id: id_of(&id, "customers")?,
-        email: email.and_then(|e| Email::parse(&e).ok()),
-        name: row.try_get("name")?,
-        created_at: row
-            .try_get::<Option<i64>, _>("created_at")?
-            .map(from_millis),
-        timezone: row.try_get("timezone")?,
-        model: EngagementModel::parse(&model).unwrap_or_default(),
-        owner: owner.and_then(|o| Email::parse(&o).ok()),
-        traits,
-    })
-}
-
-fn event_from_row(row: &PgRow) -> StoreResult<Event> {
-    let customer: String = row.try_get("customer_id")?;
-    let props: String = row.try_get("properties")?;
-    Ok(Event {
-        message_id: row.try_get("message_id")?,
-        customer_id: id_of(&customer, "events")?,
-        name: row.try_get("name")?,
-        properties: json_of(&props, "events")?,
-        at: from_millis(row.try_get("at")?),
-    })
-}
-
-fn action_from_row(row: &PgRow) -> StoreResult<ActionRecord> {
-    let payload: String = row.try_get("payload")?;
-    Ok(ActionRecord {
-        id: row.try_get("id")?,
-        run_id: row.try_get("run_id")?,
-        customer_id: row.try_get("customer_id")?,
-        rule: row.try_get("rule")?,
-        kind: row.try_get("kind")?,
-        dedup_key: row.try_get("dedup_key")?,
-        status: row.try_get("status")?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        last_error: row.try_get("last_error")?,
-        created_at: from_millis(row.try_get("created_at")?),
-        finished_at: row
-            .try_get::<Option<i64>, _>("finished_at")?
-            .map(from_millis),
-        next_attempt_at: from_millis(row.try_get("next_attempt_at")?),
-        payload: json_of(&payload, "actions")?,
-        repeats: row.try_get::<i64, _>("repeats")? as u32,
-        repeated_run: row.try_get("repeated_run")?,
-        repeated_at: row
-            .try_get::<Option<i64>, _>("repeated_at")?
-            .map(from_millis),
-    })
-}
-
-fn escalation_from_row(row: &PgRow) -> StoreResult<EscalationRecord> {
-    Ok(EscalationRecord {
-        id: row.try_get("id")?,
-        customer_id: row.try_get("customer_id")?,
-        rule: row.try_get("rule")?,
-        reason: row.try_get("reason")?,
-        owner: row.try_get("owner")?,
-        status: row.try_get("status")?,
-        created_at: from_millis(row.try_get("created_at")?),
-        resolved_at: row
-            .try_get::<Option<i64>, _>("resolved_at")?
-            .map(from_millis),
-        acknowledged_at: row
-            .try_get::<Option<i64>, _>("acknowledged_at")?
-            .map(from_millis),
-        notified_at: row
-            .try_get::<Option<i64>, _>("notified_at")?
-            .map(from_millis),
-        notifications: row.try_get::<i64, _>("notifications")? as u32,
-        recovered_at: row
-            .try_get::<Option<i64>, _>("recovered_at")?
-            .map(from_millis),
-    })
 }
 
 type Tx = sqlx::Transaction<'static, Postgres>;
@@ -1348,23 +1250,7 @@ impl Store for PostgresStore {
             .bind(id.as_str())
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DecisionRecord {
-                    run_id: r.try_get("run_id")?,
-                    rule: r.try_get("rule")?,
-                    subject: r.try_get("subject")?,
-                    decision: r.try_get("decision")?,
-                    reason: r.try_get("reason")?,
-                    at: from_millis(r.try_get("at")?),
-                    first_at: from_millis(
-                        r.try_get::<Option<i64>, _>("first_at")?
-                            .unwrap_or(r.try_get("at")?),
-                    ),
-                    times: r.try_get::<i64, _>("times")? as u32,
-                })
-            })
-            .collect()
+        rows.iter().map(decision_from_row).collect()
     }
 
     async fn escalations(&self, only_open: bool) -> StoreResult<Vec<EscalationRecord>> {

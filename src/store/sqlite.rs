@@ -9,11 +9,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
+use super::rows::{
+    action_from_row, corrupt, customer_from_row, decision_from_row, escalation_from_row,
+    event_from_row, id_of, json_of,
+};
 use super::*;
 use crate::domain::{Customer, CustomerId, CustomerPatch, Email, EngagementModel, Event};
 
@@ -48,104 +50,6 @@ impl SqliteStore {
     async fn immediate(&self) -> StoreResult<sqlx::Transaction<'static, Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
-}
-
-fn corrupt(table: &'static str, message: impl Into<String>) -> StoreError {
-    StoreError::Corrupt {
-        table,
-        message: message.into(),
-    }
-}
-
-fn json_of(text: &str, table: &'static str) -> StoreResult<Value> {
-    serde_json::from_str(text).map_err(|e| corrupt(table, e.to_string()))
-}
-
-fn customer_from_row(row: &SqliteRow) -> StoreResult<Customer> {
-    let id: String = row.try_get("id")?;
-    let email: Option<String> = row.try_get("email")?;
-    let owner: Option<String> = row.try_get("owner")?;
-    let model: String = row.try_get("model")?;
-    let traits: String = row.try_get("traits")?;
-    let traits = match json_of(&traits, "customers")? {
-        Value::Object(m) => m,
-        _ => serde_json::Map::new(),
-    };
-    Ok(Customer {
-        id: CustomerId::parse(&id).map_err(|e| corrupt("customers", e.to_string()))?,
-        email: email.and_then(|e| Email::parse(&e).ok()),
-        name: row.try_get("name")?,
-        created_at: row
-            .try_get::<Option<i64>, _>("created_at")?
-            .map(from_millis),
-        timezone: row.try_get("timezone")?,
-        model: EngagementModel::parse(&model).unwrap_or_default(),
-        owner: owner.and_then(|o| Email::parse(&o).ok()),
-        traits,
-    })
-}
-
-fn event_from_row(row: &SqliteRow) -> StoreResult<Event> {
-    let customer: String = row.try_get("customer_id")?;
-    let props: String = row.try_get("properties")?;
-    Ok(Event {
-        message_id: row.try_get("message_id")?,
-        customer_id: CustomerId::parse(&customer).map_err(|e| corrupt("events", e.to_string()))?,
-        name: row.try_get("name")?,
-        properties: json_of(&props, "events")?,
-        at: from_millis(row.try_get("at")?),
-    })
-}
-
-fn action_from_row(row: &SqliteRow) -> StoreResult<ActionRecord> {
-    let payload: String = row.try_get("payload")?;
-    Ok(ActionRecord {
-        id: row.try_get("id")?,
-        run_id: row.try_get("run_id")?,
-        customer_id: row.try_get("customer_id")?,
-        rule: row.try_get("rule")?,
-        kind: row.try_get("kind")?,
-        dedup_key: row.try_get("dedup_key")?,
-        status: row.try_get("status")?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        last_error: row.try_get("last_error")?,
-        created_at: from_millis(row.try_get("created_at")?),
-        finished_at: row
-            .try_get::<Option<i64>, _>("finished_at")?
-            .map(from_millis),
-        next_attempt_at: from_millis(row.try_get("next_attempt_at")?),
-        payload: json_of(&payload, "actions")?,
-        repeats: row.try_get::<i64, _>("repeats")? as u32,
-        repeated_run: row.try_get("repeated_run")?,
-        repeated_at: row
-            .try_get::<Option<i64>, _>("repeated_at")?
-            .map(from_millis),
-    })
-}
-
-fn escalation_from_row(row: &SqliteRow) -> StoreResult<EscalationRecord> {
-    Ok(EscalationRecord {
-        id: row.try_get("id")?,
-        customer_id: row.try_get("customer_id")?,
-        rule: row.try_get("rule")?,
-        reason: row.try_get("reason")?,
-        owner: row.try_get("owner")?,
-        status: row.try_get("status")?,
-        created_at: from_millis(row.try_get("created_at")?),
-        resolved_at: row
-            .try_get::<Option<i64>, _>("resolved_at")?
-            .map(from_millis),
-        acknowledged_at: row
-            .try_get::<Option<i64>, _>("acknowledged_at")?
-            .map(from_millis),
-        notified_at: row
-            .try_get::<Option<i64>, _>("notified_at")?
-            .map(from_millis),
-        notifications: row.try_get::<i64, _>("notifications")? as u32,
-        recovered_at: row
-            .try_get::<Option<i64>, _>("recovered_at")?
-            .map(from_millis),
-    })
 }
 
 #[async_trait]
@@ -298,7 +202,7 @@ impl Store for SqliteStore {
         rows.iter()
             .map(|r| {
                 let id: String = r.try_get(0)?;
-                let id = CustomerId::parse(&id).map_err(|e| corrupt("events", e.to_string()))?;
+                let id = id_of(&id, "events")?;
                 let history: &str = r.try_get(1)?;
                 let raw: Vec<(String, i64, Value)> =
                     serde_json::from_str(history).map_err(|e| corrupt("events", e.to_string()))?;
@@ -328,8 +232,7 @@ impl Store for SqliteStore {
         rows.iter()
             .map(|r| {
                 let id: String = r.try_get("customer_id")?;
-                let id =
-                    CustomerId::parse(&id).map_err(|e| corrupt("customer_tags", e.to_string()))?;
+                let id = id_of(&id, "customer_tags")?;
                 Ok((id, r.try_get("tag")?))
             })
             .collect()
@@ -368,10 +271,7 @@ impl Store for SqliteStore {
             .await?;
             for r in rows {
                 let c: String = r.try_get("customer_id")?;
-                let pair = (
-                    CustomerId::parse(&c).map_err(|e| corrupt("escalations", e.to_string()))?,
-                    r.try_get::<String, _>("rule")?,
-                );
+                let pair = (id_of(&c, "escalations")?, r.try_get::<String, _>("rule")?);
                 if wanted.contains(&pair) {
                     found.insert(pair);
                 }
@@ -771,7 +671,7 @@ impl Store for SqliteStore {
             .await?;
             for r in rows {
                 let id: String = r.try_get("customer_id")?;
-                let id = CustomerId::parse(&id).map_err(|e| corrupt("actions", e.to_string()))?;
+                let id = id_of(&id, "actions")?;
                 counts.insert(id, r.try_get::<i64, _>("n")? as u32);
             }
         }
@@ -937,23 +837,7 @@ impl Store for SqliteStore {
             .bind(id.as_str())
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DecisionRecord {
-                    run_id: r.try_get("run_id")?,
-                    rule: r.try_get("rule")?,
-                    subject: r.try_get("subject")?,
-                    decision: r.try_get("decision")?,
-                    reason: r.try_get("reason")?,
-                    at: from_millis(r.try_get("at")?),
-                    first_at: from_millis(
-                        r.try_get::<Option<i64>, _>("first_at")?
-                            .unwrap_or(r.try_get("at")?),
-                    ),
-                    times: r.try_get::<i64, _>("times")? as u32,
-                })
-            })
-            .collect()
+        rows.iter().map(decision_from_row).collect()
     }
 
     async fn escalations(&self, only_open: bool) -> StoreResult<Vec<EscalationRecord>> {

@@ -1,0 +1,143 @@
+//! Rows → records, shared by both backends: each backend's row type gives
+//! typed column access through [`Columns`], and the mapping is written once.
+
+use serde_json::Value;
+
+use super::{ActionRecord, DecisionRecord, EscalationRecord, StoreError, StoreResult, from_millis};
+use crate::domain::{Customer, CustomerId, Email, EngagementModel, Event};
+
+/// The column types the stores use: integers (times are Unix milliseconds)
+/// and text (JSON is stored as text).
+pub(crate) trait Columns {
+    fn int(&self, column: &str) -> StoreResult<i64>;
+    fn opt_int(&self, column: &str) -> StoreResult<Option<i64>>;
+    fn text(&self, column: &str) -> StoreResult<String>;
+    fn opt_text(&self, column: &str) -> StoreResult<Option<String>>;
+}
+
+macro_rules! columns_for {
+    ($row:ty) => {
+        impl Columns for $row {
+            fn int(&self, column: &str) -> StoreResult<i64> {
+                Ok(sqlx::Row::try_get(self, column)?)
+            }
+            fn opt_int(&self, column: &str) -> StoreResult<Option<i64>> {
+                Ok(sqlx::Row::try_get(self, column)?)
+            }
+            fn text(&self, column: &str) -> StoreResult<String> {
+                Ok(sqlx::Row::try_get(self, column)?)
+            }
+            fn opt_text(&self, column: &str) -> StoreResult<Option<String>> {
+                Ok(sqlx::Row::try_get(self, column)?)
+            }
+        }
+    };
+}
+
+columns_for!(sqlx::sqlite::SqliteRow);
+columns_for!(sqlx::postgres::PgRow);
+
+pub(crate) fn corrupt(table: &'static str, message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        message: message.into(),
+    }
+}
+
+pub(crate) fn json_of(text: &str, table: &'static str) -> StoreResult<Value> {
+    serde_json::from_str(text).map_err(|e| corrupt(table, e.to_string()))
+}
+
+pub(crate) fn id_of(raw: &str, table: &'static str) -> StoreResult<CustomerId> {
+    CustomerId::parse(raw).map_err(|e| corrupt(table, e.to_string()))
+}
+
+fn count(row: &impl Columns, column: &str) -> StoreResult<u32> {
+    Ok(u32::try_from(row.int(column)?).unwrap_or(u32::MAX))
+}
+
+fn opt_time(
+    row: &impl Columns,
+    column: &str,
+) -> StoreResult<Option<chrono::DateTime<chrono::Utc>>> {
+    Ok(row.opt_int(column)?.map(from_millis))
+}
+
+pub(crate) fn customer_from_row(row: &impl Columns) -> StoreResult<Customer> {
+    let traits = match json_of(&row.text("traits")?, "customers")? {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    Ok(Customer {
+        id: id_of(&row.text("id")?, "customers")?,
+        email: row.opt_text("email")?.and_then(|e| Email::parse(&e).ok()),
+        name: row.opt_text("name")?,
+        created_at: opt_time(row, "created_at")?,
+        timezone: row.opt_text("timezone")?,
+        model: EngagementModel::parse(&row.text("model")?).unwrap_or_default(),
+        owner: row.opt_text("owner")?.and_then(|o| Email::parse(&o).ok()),
+        traits,
+    })
+}
+
+pub(crate) fn event_from_row(row: &impl Columns) -> StoreResult<Event> {
+    Ok(Event {
+        message_id: row.text("message_id")?,
+        customer_id: id_of(&row.text("customer_id")?, "events")?,
+        name: row.text("name")?,
+        properties: json_of(&row.text("properties")?, "events")?,
+        at: from_millis(row.int("at")?),
+    })
+}
+
+pub(crate) fn action_from_row(row: &impl Columns) -> StoreResult<ActionRecord> {
+    Ok(ActionRecord {
+        id: row.int("id")?,
+        run_id: row.int("run_id")?,
+        customer_id: row.text("customer_id")?,
+        rule: row.text("rule")?,
+        kind: row.text("kind")?,
+        dedup_key: row.text("dedup_key")?,
+        status: row.text("status")?,
+        attempts: count(row, "attempts")?,
+        last_error: row.opt_text("last_error")?,
+        created_at: from_millis(row.int("created_at")?),
+        finished_at: opt_time(row, "finished_at")?,
+        next_attempt_at: from_millis(row.int("next_attempt_at")?),
+        payload: json_of(&row.text("payload")?, "actions")?,
+        repeats: count(row, "repeats")?,
+        repeated_run: row.opt_int("repeated_run")?,
+        repeated_at: opt_time(row, "repeated_at")?,
+    })
+}
+
+pub(crate) fn escalation_from_row(row: &impl Columns) -> StoreResult<EscalationRecord> {
+    Ok(EscalationRecord {
+        id: row.int("id")?,
+        customer_id: row.text("customer_id")?,
+        rule: row.text("rule")?,
+        reason: row.text("reason")?,
+        owner: row.text("owner")?,
+        status: row.text("status")?,
+        created_at: from_millis(row.int("created_at")?),
+        resolved_at: opt_time(row, "resolved_at")?,
+        acknowledged_at: opt_time(row, "acknowledged_at")?,
+        notified_at: opt_time(row, "notified_at")?,
+        notifications: count(row, "notifications")?,
+        recovered_at: opt_time(row, "recovered_at")?,
+    })
+}
+
+pub(crate) fn decision_from_row(row: &impl Columns) -> StoreResult<DecisionRecord> {
+    let at = from_millis(row.int("at")?);
+    Ok(DecisionRecord {
+        run_id: row.int("run_id")?,
+        rule: row.text("rule")?,
+        subject: row.text("subject")?,
+        decision: row.text("decision")?,
+        reason: row.text("reason")?,
+        at,
+        first_at: opt_time(row, "first_at")?.unwrap_or(at),
+        times: count(row, "times")?,
+    })
+}
