@@ -993,10 +993,12 @@ impl Store for SqliteStore {
 
     async fn suppress(&self, email: &str, reason: &str, at: DateTime<Utc>) -> StoreResult<bool> {
         let n = sqlx::query(
-            "INSERT INTO suppressions (email, reason, created_at) VALUES (lower(?), ?, ?)
+            // Lower-cased in Rust, as `suppressions_among` looks them up:
+            // SQLite's lower() folds ASCII only ("Ünsub@…" would stay).
+            "INSERT INTO suppressions (email, reason, created_at) VALUES (?, ?, ?)
              ON CONFLICT DO NOTHING",
         )
-        .bind(email)
+        .bind(email.to_lowercase())
         .bind(reason)
         .bind(to_millis(at))
         .execute(&self.pool)
@@ -1007,16 +1009,16 @@ impl Store for SqliteStore {
 
     async fn suppression(&self, email: &str) -> StoreResult<Option<String>> {
         Ok(
-            sqlx::query_scalar("SELECT reason FROM suppressions WHERE email = lower(?)")
-                .bind(email)
+            sqlx::query_scalar("SELECT reason FROM suppressions WHERE email = ?")
+                .bind(email.to_lowercase())
                 .fetch_optional(&self.pool)
                 .await?,
         )
     }
 
     async fn unsuppress(&self, email: &str) -> StoreResult<bool> {
-        let n = sqlx::query("DELETE FROM suppressions WHERE email = lower(?)")
-            .bind(email)
+        let n = sqlx::query("DELETE FROM suppressions WHERE email = ?")
+            .bind(email.to_lowercase())
             .execute(&self.pool)
             .await?
             .rows_affected();

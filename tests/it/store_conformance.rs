@@ -1437,6 +1437,20 @@ async fn suppressions_ignore_case(store: Arc<dyn Store>) {
     assert!(!store.unsuppress("ana@example.com").await.unwrap());
     assert_eq!(store.suppression("ana@example.com").await.unwrap(), None);
     assert_eq!(store.suppressions().await.unwrap().len(), 1);
+
+    // Non-ASCII capitals fold too (SQLite's lower() alone folds ASCII only),
+    // so the planner's and the deliverer's lookups find the address.
+    assert!(store.suppress("Ünsub@Example.com", "unsubscribed", t0()).await.unwrap());
+    assert_eq!(
+        store
+            .suppressions_among(&["ünsub@example.com".into()])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(store.suppression("ÜNSUB@example.com").await.unwrap().is_some());
+    assert!(store.unsuppress("ünsub@EXAMPLE.com").await.unwrap());
 }
 
 async fn firings_are_recorded_once_and_run_one_at_a_time_per_schedule(store: Arc<dyn Store>) {
