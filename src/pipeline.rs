@@ -394,11 +394,7 @@ pub async fn run(
         ..Default::default()
     };
 
-    let Some(Committed {
-        outcome,
-        escalated,
-        errored,
-    }) = plan_and_commit(
+    let Some(Committed { outcome, .. }) = plan_and_commit(
         &store,
         &rules,
         default_owner,
@@ -428,16 +424,6 @@ pub async fn run(
         s.planned = counts.planned;
         s.deduplicated = counts.deduplicated;
     }
-    escalation_lifecycle(
-        &*store,
-        &opts.escalation,
-        outcome.run_id,
-        opts.now,
-        summary.rules.keys().cloned().collect(),
-        &escalated,
-        &errored,
-    )
-    .await?;
     tracing::info!(
         run = outcome.run_id,
         customers = summary.customers,
@@ -488,7 +474,7 @@ async fn plan_and_commit(
     } else {
         Some(PlannerLock::acquire(store).await?)
     };
-    let result = apply_policies_and_commit(
+    let mut result = apply_policies_and_commit(
         &**store,
         rules,
         default_owner,
@@ -498,8 +484,28 @@ async fn plan_and_commit(
         started_at,
     )
     .await;
-    if let Some(lock) = lock {
-        lock.release().await?;
+    // Still under the lock: another run's new escalations must not be judged
+    // by this run's (older) evaluation as recovered.
+    if let Ok(Some(c)) = &result
+        && let Err(e) = escalation_lifecycle(
+            &**store,
+            &opts.escalation,
+            c.outcome.run_id,
+            opts.now,
+            summary.rules.keys().cloned().collect(),
+            &c.escalated,
+            &c.errored,
+        )
+        .await
+    {
+        result = Err(e);
+    }
+    if let Some(lock) = lock
+        && let Err(e) = lock.release().await
+    {
+        // The plan is committed (or failed) either way; the lease frees the
+        // lock by itself.
+        tracing::warn!("Could not release the planner lock: {e}; it frees when its lease ends.");
     }
     result
 }
@@ -524,6 +530,12 @@ async fn apply_policies_and_commit(
         })
         .collect();
     let existing = store.existing_dedup_keys(&keys).await?;
+    // An action asked for twice in one run (send_email in a loop, two rules
+    // tagging alike) is one action: only its first request meets the
+    // policies (a copy must not eat cap room or repeat a decision); the
+    // copies rejoin the plan below, where committing counts them as
+    // deduplicated, unless a policy removed the first.
+    let copies = take_copies(&mut eval.outgoing);
     // The guard judges what each rule wants to send (before suppressions and
     // the cap trim it), so a bad edit cannot trickle out under the cap.
     let hold = guard_decision(&eval.outgoing, &existing, summary.customers, &opts.guard);
@@ -565,6 +577,18 @@ async fn apply_policies_and_commit(
             default_owner,
         );
     }
+    let planned: HashSet<String> = eval
+        .outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Action(a) => Some(a.dedup_key.clone()),
+            Outgoing::Escalation(_) => None,
+        })
+        .collect();
+    eval.outgoing.extend(copies.into_iter().filter(|o| match o {
+        Outgoing::Action(a) => planned.contains(&a.dedup_key),
+        Outgoing::Escalation(_) => true,
+    }));
     if opts.dry_run {
         mark_dry_run_duplicates(store, &existing, &eval, summary).await?;
         for rule in hold.keys() {
@@ -610,6 +634,21 @@ async fn apply_policies_and_commit(
         escalated,
         errored,
     }))
+}
+
+/// Takes out of a plan the actions whose dedup key an earlier action of the
+/// plan already has.
+fn take_copies(outgoing: &mut Vec<Outgoing>) -> Vec<Outgoing> {
+    let mut seen = HashSet::new();
+    let (mut keep, mut copies) = (Vec::with_capacity(outgoing.len()), Vec::new());
+    for o in outgoing.drain(..) {
+        match &o {
+            Outgoing::Action(a) if !seen.insert(a.dedup_key.clone()) => copies.push(o),
+            _ => keep.push(o),
+        }
+    }
+    *outgoing = keep;
+    copies
 }
 
 /// The planner lock, held from the policies to the commit of one run. Its

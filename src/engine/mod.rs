@@ -664,7 +664,17 @@ fn unknown_event_properties(path: &Path, ast: &AST) -> Vec<RuleError> {
                     .or_insert(ok);
             }
             Some(rhai::ASTNode::Stmt(rhai::Stmt::Assignment(a))) => {
-                if let rhai::Expr::Variable(v, ..) = &a.1.lhs {
+                // `v = …` rebinds v; `v.x = …` adds to the map.
+                let target = match &a.1.lhs {
+                    rhai::Expr::Dot(dot, ..) | rhai::Expr::Index(dot, ..) => &dot.lhs,
+                    other => other,
+                };
+                if let rhai::Expr::Variable(v, ..) = target {
+                    from_last.insert(v.1.to_string(), false);
+                }
+            }
+            Some(rhai::ASTNode::Stmt(rhai::Stmt::TryCatch(t, _))) => {
+                if let rhai::Expr::Variable(v, ..) = &t.expr {
                     from_last.insert(v.1.to_string(), false);
                 }
             }

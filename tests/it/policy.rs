@@ -1098,3 +1098,40 @@ async fn simulate_models_owner_caps_and_the_guard_and_reports_rule_errors() {
     assert!(store.runs(10).await.unwrap().is_empty(), "nothing written");
     assert_eq!(app.smtp.count(), 0, "nothing sent");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_email_asked_for_twice_in_one_run_takes_one_place_under_the_cap() {
+    let app = TestApp::new().await;
+    only_rules(
+        &app,
+        &[
+            (
+                "loop",
+                "// @priority 5\nfor i in 0..3 { send_email(\"winback\", #{ key: \"loop\", days_inactive: 1 }); }\n",
+            ),
+            (
+                "news",
+                "send_email(\"winback\", #{ key: \"news\", days_inactive: 2 });\n",
+            ),
+        ],
+    );
+    app.write_config("[policy]\nfrequency_cap = { emails = 2, days = 3 }\n");
+    app.import_customers("id,email,created_at\nc1,ana@example.com,2026-01-01T00:00:00Z\n")
+        .await;
+    let s = app.run_at(NOW).await;
+    assert_eq!(s["rules"]["loop"]["planned"], 1, "{s}");
+    assert_eq!(s["rules"]["loop"]["deduplicated"], 2, "{s}");
+    assert_eq!(
+        s["rules"]["news"]["planned"], 1,
+        "the copies took no room: {s}"
+    );
+    assert_eq!(s["rules"]["news"]["capped"], 0, "{s}");
+    assert_eq!(app.smtp.count(), 2);
+    let decisions = app
+        .store()
+        .await
+        .decisions_for_customer(&engaged::domain::CustomerId::parse("c1").unwrap())
+        .await
+        .unwrap();
+    assert!(decisions.is_empty(), "{decisions:?}");
+}

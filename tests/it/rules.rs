@@ -441,6 +441,8 @@ fn a_property_the_event_map_does_not_have_is_a_compile_error_that_points_to_prop
         "let a = last(\"nps_submitted\");\na = #{ score: 1 };\nif a.score == 1 { tag(\"reassigned\"); }",
         "fn score(answer) { answer.score }\nlet answer = last(\"nps_submitted\");\nif score(#{ score: 2 }) == 2 { tag(\"param\"); }",
         "let a = last(\"nps_submitted\");\nif true { let a = #{ score: 4 }; if a.score == 4 { tag(\"shadowed\"); } }",
+        "let ev = last(\"nps_submitted\");\ntry { throw \"x\"; } catch (ev) { tag(ev); }",
+        "let ev = last(\"nps_submitted\");\nev.score = ev.properties.score;\nif ev.score == 3 { tag(\"copied\"); }",
     ];
     for source in ok {
         let actions = eval(source, &f).unwrap_or_else(|e| panic!("{source}\n{e}"));

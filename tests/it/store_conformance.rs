@@ -1440,7 +1440,12 @@ async fn suppressions_ignore_case(store: Arc<dyn Store>) {
 
     // Non-ASCII capitals fold too (SQLite's lower() alone folds ASCII only),
     // so the planner's and the deliverer's lookups find the address.
-    assert!(store.suppress("Ünsub@Example.com", "unsubscribed", t0()).await.unwrap());
+    assert!(
+        store
+            .suppress("Ünsub@Example.com", "unsubscribed", t0())
+            .await
+            .unwrap()
+    );
     assert_eq!(
         store
             .suppressions_among(&["ünsub@example.com".into()])
@@ -1449,7 +1454,13 @@ async fn suppressions_ignore_case(store: Arc<dyn Store>) {
             .len(),
         1
     );
-    assert!(store.suppression("ÜNSUB@example.com").await.unwrap().is_some());
+    assert!(
+        store
+            .suppression("ÜNSUB@example.com")
+            .await
+            .unwrap()
+            .is_some()
+    );
     assert!(store.unsuppress("ünsub@EXAMPLE.com").await.unwrap());
 }
 
