@@ -689,10 +689,9 @@ impl PlannerLock {
                 loop {
                     tokio::time::sleep(Self::RENEW_EVERY).await;
                     let now = Utc::now();
-                    match store
-                        .try_lock_planner(&holder, now, now + Self::LEASE)
-                        .await
-                    {
+                    // Renewing never re-takes the lock: a renewal that runs
+                    // late (after the release) must not lock everyone out.
+                    match store.renew_planner(&holder, now + Self::LEASE).await {
                         Ok(true) => {}
                         Ok(false) => tracing::warn!(
                             "The planner lock's lease ran out while this run held it; another run may be planning too."

@@ -410,6 +410,9 @@ pub trait Store: Send + Sync {
         now: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> StoreResult<bool>;
+    /// Extends `holder`'s lease to `until` if it still holds the lock (never
+    /// takes a released or expired-and-taken lock back); false otherwise.
+    async fn renew_planner(&self, holder: &str, until: DateTime<Utc>) -> StoreResult<bool>;
     /// Releases the planner lock if `holder` still has it.
     async fn unlock_planner(&self, holder: &str) -> StoreResult<()>;
     async fn finish_run(&self, run_id: i64, status: &str, summary: &Value) -> StoreResult<()>;

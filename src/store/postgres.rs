@@ -955,6 +955,16 @@ impl Store for PostgresStore {
         Ok(taken == 1)
     }
 
+    async fn renew_planner(&self, holder: &str, until: DateTime<Utc>) -> StoreResult<bool> {
+        let n = sqlx::query("UPDATE planner_lock SET until = $1 WHERE id = 1 AND holder = $2")
+            .bind(to_millis(until))
+            .bind(holder)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
     async fn unlock_planner(&self, holder: &str) -> StoreResult<()> {
         sqlx::query(
             "UPDATE planner_lock SET holder = NULL, until = 0 WHERE id = 1 AND holder = $1",

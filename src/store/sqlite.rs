@@ -510,6 +510,16 @@ impl Store for SqliteStore {
         Ok(taken == 1)
     }
 
+    async fn renew_planner(&self, holder: &str, until: DateTime<Utc>) -> StoreResult<bool> {
+        let n = sqlx::query("UPDATE planner_lock SET until = ? WHERE id = 1 AND holder = ?")
+            .bind(to_millis(until))
+            .bind(holder)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
     async fn unlock_planner(&self, holder: &str) -> StoreResult<()> {
         sqlx::query("UPDATE planner_lock SET holder = NULL, until = 0 WHERE id = 1 AND holder = ?")
             .bind(holder)

@@ -1357,7 +1357,23 @@ async fn the_planner_lock_has_one_holder_until_its_lease_ends(store: Arc<dyn Sto
             .unwrap(),
         "a's late release does not free b's lock"
     );
+    assert!(
+        !store.renew_planner("a", t0() + m(30)).await.unwrap(),
+        "a's late renewal does not take b's lock"
+    );
+    assert!(store.renew_planner("b", t0() + m(30)).await.unwrap());
+    assert!(
+        !store
+            .try_lock_planner("c", t0() + m(25), t0() + m(35))
+            .await
+            .unwrap(),
+        "b renewed until minute 30"
+    );
     store.unlock_planner("b").await.unwrap();
+    assert!(
+        !store.renew_planner("b", t0() + m(40)).await.unwrap(),
+        "a renewal after the release does not take the lock back"
+    );
 
     // Many at once: exactly one wins.
     let tasks: Vec<_> = (0..8)
