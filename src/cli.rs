@@ -685,6 +685,7 @@ async fn would_do(
         policy: app.config.policy.clone(),
         guard: app.config.guard.clone(),
         escalation: app.config.escalation.clone(),
+        committed: None,
     };
     let summary = pipeline::run(
         Arc::clone(&app.store),
@@ -917,6 +918,7 @@ async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, trigger: &str) -> Res
         policy: app.config.policy.clone(),
         guard: app.config.guard.clone(),
         escalation: app.config.escalation.clone(),
+        committed: None,
     };
     let summary = pipeline::run(
         Arc::clone(&app.store),

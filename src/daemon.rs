@@ -24,6 +24,7 @@ use crate::pipeline::{self, RunOptions, RunSummary};
 use crate::schedule::{Schedule, decide};
 use crate::store::{Firing, Store};
 use crate::unsubscribe::{Signer, random_secret};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 /// How long a claimed firing stays reserved for the process running it.
 const FIRING_LEASE: chrono::Duration = chrono::Duration::minutes(30);
@@ -45,7 +46,7 @@ pub struct Daemon {
     default_owner: Email,
     /// The firing being run, so a shutdown that interrupts it can queue it
     /// again instead of leaving it leased.
-    running: std::sync::Mutex<Option<Firing>>,
+    running: std::sync::Mutex<Option<(Firing, Arc<AtomicI64>)>>,
 }
 
 impl Daemon {
@@ -157,8 +158,10 @@ impl Daemon {
         let Some(firing) = self.store.claim_firing(now, now + FIRING_LEASE).await? else {
             return Ok(None);
         };
-        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(firing.clone());
-        let result = self.run_firing(&firing).await;
+        let committed = Arc::new(AtomicI64::new(0));
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((firing.clone(), Arc::clone(&committed)));
+        let result = self.run_firing(&firing, committed).await;
         self.running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -187,7 +190,7 @@ impl Daemon {
         }
     }
 
-    async fn run_firing(&self, firing: &Firing) -> Result<RunSummary> {
+    async fn run_firing(&self, firing: &Firing, committed: Arc<AtomicI64>) -> Result<RunSummary> {
         let library = self.library.current();
         let only = self
             .schedules
@@ -203,6 +206,7 @@ impl Daemon {
             policy: self.config.policy.clone(),
             guard: self.config.guard.clone(),
             escalation: self.config.escalation.clone(),
+            committed: Some(committed),
         };
         let summary = pipeline::run(
             Arc::clone(&self.store),
@@ -398,8 +402,6 @@ impl Daemon {
         }
         let mut runs = runs;
         if tokio::time::timeout(grace, &mut runs).await.is_err() {
-            // Nothing of an unfinished plan is committed (one transaction),
-            // so the firing can simply be run again.
             runs.abort();
             let _ = runs.await;
             let interrupted = self
@@ -407,19 +409,26 @@ impl Daemon {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
-            if let Some(firing) = interrupted {
+            if let Some((firing, committed)) = interrupted {
+                // A plan is committed in one transaction: before it, nothing
+                // of the run is stored and the firing can run again; after
+                // it, the firing is done (delivery picks up what it planned).
+                let run_id = committed.load(Ordering::SeqCst);
+                let (status, run_id, note) = if run_id > 0 {
+                    (
+                        "done",
+                        Some(run_id),
+                        "stopped by a shutdown after its plan was committed",
+                    )
+                } else {
+                    ("pending", None, "interrupted by a shutdown; queued again")
+                };
                 tracing::warn!(
                     schedule = %firing.schedule,
-                    "A run was still planning at shutdown; it was stopped and its firing is queued again."
+                    "A run was still going at shutdown; it was stopped: {note}."
                 );
                 self.store
-                    .finish_firing(
-                        &firing,
-                        "pending",
-                        None,
-                        Some("interrupted by a shutdown; queued again"),
-                        self.clock.now(),
-                    )
+                    .finish_firing(&firing, status, run_id, Some(note), self.clock.now())
                     .await?;
             }
         }

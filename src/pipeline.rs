@@ -352,6 +352,9 @@ pub struct RunOptions {
     pub policy: crate::policy::PolicyConfig,
     pub guard: crate::policy::GuardConfig,
     pub escalation: crate::config::EscalationConfig,
+    /// Set to the run's id the moment its plan is committed (the daemon
+    /// must not queue a committed firing again when a shutdown stops it).
+    pub committed: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
 /// Evaluates, plans and (unless dry) commits and delivers.
@@ -629,6 +632,9 @@ async fn apply_policies_and_commit(
         }
     }
     let outcome = store.commit_plan(commit).await?;
+    if let Some(slot) = &opts.committed {
+        slot.store(outcome.run_id, std::sync::atomic::Ordering::SeqCst);
+    }
     Ok(Some(Committed {
         outcome,
         escalated,
