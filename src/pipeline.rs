@@ -572,9 +572,11 @@ async fn apply_policies_and_commit(
         // not count against an owner's cap.
         let pairs = escalation_pairs(&eval.outgoing);
         let open = store.open_escalation_pairs(&pairs).await?;
+        let resolved = store.resolved_escalation_reasons(&pairs).await?;
         overflow_owners(
             &mut eval.outgoing,
             &open,
+            &resolved,
             counts,
             opts.escalation.owner_daily_cap,
             default_owner,
@@ -783,17 +785,25 @@ fn new_emails<'a>(
 }
 
 /// Per-owner daily cap: escalations beyond it go to the default owner, and
-/// the reason says so.
+/// the reason says so. Only escalations that will open count: not re-fires
+/// of open ones, not ones a human resolved for the same reason, not a
+/// second request for the same (customer, rule) in this plan.
 pub(crate) fn overflow_owners(
     outgoing: &mut [Outgoing],
     already_open: &HashSet<(CustomerId, String)>,
+    resolved: &HashSet<(CustomerId, String, String)>,
     mut counts: HashMap<String, u32>,
     cap: u32,
     default_owner: &Email,
 ) {
+    let mut seen = HashSet::new();
     for o in outgoing.iter_mut() {
         let Outgoing::Escalation(e) = o else { continue };
-        if already_open.contains(&(e.customer_id.clone(), e.rule.clone())) {
+        let pair = (e.customer_id.clone(), e.rule.clone());
+        if already_open.contains(&pair)
+            || !seen.insert(pair)
+            || resolved.contains(&(e.customer_id.clone(), e.rule.clone(), e.reason.clone()))
+        {
             continue;
         }
         let used = counts.entry(e.owner.clone()).or_default();

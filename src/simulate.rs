@@ -256,7 +256,7 @@ async fn apply_policies(
         let since = at - Duration::days(1);
         let mut counts = store.owner_escalation_counts(since).await?;
         for (owner, t) in &ledger.escalations {
-            if *t > since {
+            if *t >= since {
                 *counts.entry(owner.clone()).or_default() += 1;
             }
         }
@@ -265,9 +265,15 @@ async fn apply_policies(
             .iter()
             .filter_map(|(c, r)| Some((CustomerId::parse(c).ok()?, r.clone())))
             .collect();
+        let resolved: HashSet<(CustomerId, String, String)> = ledger
+            .resolved
+            .iter()
+            .filter_map(|(c, r, why)| Some((CustomerId::parse(c).ok()?, r.clone(), why.clone())))
+            .collect();
         overflow_owners(
             &mut outgoing,
             &open,
+            &resolved,
             counts,
             config.escalation.owner_daily_cap,
             default_owner,
@@ -292,13 +298,6 @@ async fn apply_policies(
                 if a.kind == OutboxKind::Email {
                     let address = a.customer_email.clone().unwrap_or_default().to_lowercase();
                     if suppressed.contains_key(&address) {
-                        continue;
-                    }
-                    if let Some(reason) = held.get(&a.rule) {
-                        ledger.keys.insert(a.dedup_key.clone());
-                        let mut h = happening(at, schedule, o, None);
-                        h.note = Some(format!("{reason}; sent only if approved"));
-                        out.push(h);
                         continue;
                     }
                     candidates
@@ -354,7 +353,7 @@ async fn apply_policies(
                 let simulated = ledger
                     .emails
                     .get(&customer_id)
-                    .map_or(0, |v| v.iter().filter(|t| **t > since).count());
+                    .map_or(0, |v| v.iter().filter(|t| **t >= since).count());
                 (cap.emails as usize).saturating_sub(recent + simulated)
             }
         };
@@ -385,8 +384,19 @@ async fn apply_policies(
                         .as_deref()
                         .and_then(|t| t.parse().ok())
                         .unwrap_or(fallback_tz);
-                    let goes_out = window.and_then(|w| w.next_open(at, tz));
-                    out.push(happening(at, schedule, o, goes_out));
+                    // Held emails take their place under the cap too (as the
+                    // store counts them), but wait for an approval.
+                    match held.get(&a.rule) {
+                        Some(reason) => {
+                            let mut h = happening(at, schedule, o, None);
+                            h.note = Some(format!("{reason}; sent only if approved"));
+                            out.push(h);
+                        }
+                        None => {
+                            let goes_out = window.and_then(|w| w.next_open(at, tz));
+                            out.push(happening(at, schedule, o, goes_out));
+                        }
+                    }
                 }
                 CapDecision::Drop => {
                     ledger.keys.insert(a.dedup_key.clone());

@@ -389,6 +389,12 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<Vec<(CustomerId, String)>>;
     /// Which of these dedup keys already exist in the outbox.
     async fn existing_dedup_keys(&self, keys: &[String]) -> StoreResult<HashSet<String>>;
+    /// The reasons of resolved escalations of these (customer, rule) pairs:
+    /// an escalation with one of them is not opened again.
+    async fn resolved_escalation_reasons(
+        &self,
+        pairs: &[(CustomerId, String)],
+    ) -> StoreResult<HashSet<(CustomerId, String, String)>>;
     /// Which of these (customer, rule) pairs have an open escalation.
     async fn open_escalation_pairs(
         &self,

@@ -904,6 +904,32 @@ impl Store for PostgresStore {
         Ok(found)
     }
 
+    async fn resolved_escalation_reasons(
+        &self,
+        pairs: &[(CustomerId, String)],
+    ) -> StoreResult<HashSet<(CustomerId, String, String)>> {
+        let wanted: HashSet<&(CustomerId, String)> = pairs.iter().collect();
+        let ids: Vec<&str> = pairs.iter().map(|(c, _)| c.as_str()).collect();
+        let mut found = HashSet::new();
+        for chunk in ids.chunks(CHUNK) {
+            let rows = sqlx::query(
+                "SELECT customer_id, rule, reason FROM escalations WHERE status = 'resolved'
+                 AND customer_id = ANY($1)",
+            )
+            .bind(chunk)
+            .fetch_all(&self.pool)
+            .await?;
+            for r in rows {
+                let c: String = r.try_get("customer_id")?;
+                let pair = (id_of(&c, "escalations")?, r.try_get::<String, _>("rule")?);
+                if wanted.contains(&pair) {
+                    found.insert((pair.0, pair.1, r.try_get("reason")?));
+                }
+            }
+        }
+        Ok(found)
+    }
+
     async fn open_escalation_pairs(
         &self,
         pairs: &[(CustomerId, String)],

@@ -1135,3 +1135,36 @@ async fn an_email_asked_for_twice_in_one_run_takes_one_place_under_the_cap() {
         .unwrap();
     assert!(decisions.is_empty(), "{decisions:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resolved_escalation_firing_again_does_not_use_up_its_owners_daily_cap() {
+    let app = TestApp::new().await;
+    only_rules(&app, &[("stall", "escalate(\"stalled\");\n")]);
+    app.write_config("[escalation]\nowner_daily_cap = 1\n");
+    app.import_customers(
+        "id,email,created_at,owner\na,a@example.com,2026-06-01T00:00:00Z,csm@acme.test\n",
+    )
+    .await;
+    app.run_at(NOW).await;
+    let store = app.store().await;
+    let first = &store.escalations(true).await.unwrap()[0];
+    assert_eq!(first.owner, "csm@acme.test");
+    assert!(
+        store
+            .resolve_escalation(first.id, chrono::Utc::now())
+            .await
+            .unwrap()
+    );
+    // Two days later A's rule fires again for the same reason (it stays
+    // resolved) and B escalates for the first time: the owner got nothing
+    // today, so B's escalation is theirs.
+    app.import_customers(
+        "id,email,created_at,owner\nb,b@example.com,2026-06-01T00:00:00Z,csm@acme.test\n",
+    )
+    .await;
+    app.run_at("2026-06-17T02:00:00Z").await;
+    let open = store.escalations(true).await.unwrap();
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0].customer_id, "b");
+    assert_eq!(open[0].owner, "csm@acme.test", "{open:?}");
+}

@@ -904,6 +904,21 @@ async fn one_escalation_is_open_per_customer_and_rule_and_a_resolved_one_stays_c
             .unwrap()
             .is_empty()
     );
+    assert_eq!(
+        store
+            .resolved_escalation_reasons(&[
+                (cid("c1"), "stall".into()),
+                (cid("c1"), "other".into()),
+                (cid("c3"), "stall".into()),
+            ])
+            .await
+            .unwrap(),
+        HashSet::from([(
+            cid("c1"),
+            "stall".to_owned(),
+            "no login for 7 days".to_owned()
+        )])
+    );
     assert_eq!(again("no login for 7 days", 4).await, counts(0, 1));
     assert_eq!(again("no purchase after trial", 5).await, counts(1, 0));
     let c1 = store.escalations_for_customer(&cid("c1")).await.unwrap();
