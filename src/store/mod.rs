@@ -5,7 +5,8 @@
 //!   few on one machine;
 //! - `postgres.rs`: several replicas sharing one PostgreSQL
 //!   (`postgres://` or `postgresql://`); claims skip rows other replicas
-//!   hold, dedup is enforced by unique indexes.
+//!   hold, dedup is enforced by unique indexes;
+//! - `rows.rs`: rows → records, written once for both.
 //!
 //! [`open`] picks one by the URL's scheme and applies its migrations
 //! (`migrations/sqlite/`, `migrations/postgres/`). Times cross this boundary
