@@ -91,6 +91,9 @@ pub struct MailConfig {
     pub transport: Option<Transport>,
     /// lettre's URL form: `smtp://user:pass@host:port?tls=required`, `smtps://host`.
     pub smtp_url: Option<Secret>,
+    /// PEM file of CA certificates trusted for SMTP TLS in addition to the
+    /// public roots (a private CA of an internal relay). Default: none.
+    pub tls_ca_file: Option<PathBuf>,
     /// Where the file transport writes `.eml` files.
     pub outbox_dir: PathBuf,
     /// Provider limit in messages per second; 0 means unlimited.
@@ -106,6 +109,7 @@ impl Default for MailConfig {
             from: "Engaged <hello@engaged.example>".into(),
             transport: None,
             smtp_url: None,
+            tls_ca_file: None,
             outbox_dir: PathBuf::from("outbox"),
             rate_per_second: 0,
             unsubscribe_mailto: None,

@@ -135,11 +135,16 @@ impl Deliverer {
                     .as_ref()
                     .ok_or_else(|| DeliverError::Config("mail.smtp_url is not set".into()))?;
                 let target = SmtpTarget::parse(url.expose()).map_err(DeliverError::Config)?;
-                MailTransport::Smtp(SmtpPool::new(
+                let mut pool = SmtpPool::new(
                     target,
                     Duration::from_millis(config.delivery.timeout_ms),
                     config.delivery.concurrency,
-                ))
+                );
+                if let Some(path) = &config.mail.tls_ca_file {
+                    pool = pool
+                        .with_extra_roots(smtp::load_ca_file(path).map_err(DeliverError::Config)?);
+                }
+                MailTransport::Smtp(pool)
             }
         };
         let limiter = NonZeroU32::new(config.mail.rate_per_second)

@@ -7,12 +7,13 @@
 //! connections open between messages. Implicit TLS (`smtps://`) uses lettre's
 //! own connector.
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use lettre::address::Envelope as SmtpEnvelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use url::Url;
 
@@ -109,9 +110,32 @@ pub struct SendError {
     pub message: String,
 }
 
+/// Reads `mail.tls_ca_file`: PEM CA certificates to trust for SMTP TLS. Every
+/// failure names the file, so a bad path stops startup with a clear message.
+pub fn load_ca_file(path: &Path) -> Result<Certificate, String> {
+    let what = || format!("mail.tls_ca_file {}", path.display());
+    let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", what()))?;
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(format!(
+            "{}: no PEM certificate (-----BEGIN CERTIFICATE-----) in the file",
+            what()
+        ));
+    }
+    let cert = Certificate::from_pem(&pem).map_err(|e| format!("{}: invalid PEM: {e}", what()))?;
+    // Build TLS parameters once now, so a certificate rustls cannot use as a
+    // trust anchor fails at startup rather than at the first send.
+    TlsParameters::builder("localhost".to_owned())
+        .add_root_certificate(cert.clone())
+        .build()
+        .map_err(|e| format!("{}: not a usable CA certificate: {e}", what()))?;
+    Ok(cert)
+}
+
 /// A small pool of open SMTP connections.
 pub struct SmtpPool {
     target: SmtpTarget,
+    /// Extra trusted CA certificates (`mail.tls_ca_file`).
+    extra_roots: Option<Certificate>,
     hello: ClientId,
     timeout: Duration,
     idle: Mutex<Vec<AsyncSmtpConnection>>,
@@ -122,11 +146,26 @@ impl SmtpPool {
     pub fn new(target: SmtpTarget, timeout: Duration, max_idle: usize) -> Self {
         Self {
             target,
+            extra_roots: None,
             hello: ClientId::default(),
             timeout,
             idle: Mutex::new(Vec::new()),
             max_idle,
         }
+    }
+
+    /// Also trust the CA certificates in `roots` for TLS (`mail.tls_ca_file`).
+    pub fn with_extra_roots(mut self, roots: Certificate) -> Self {
+        self.extra_roots = Some(roots);
+        self
+    }
+
+    fn tls_parameters(&self) -> Result<TlsParameters, SendError> {
+        let mut builder = TlsParameters::builder(self.target.host.clone());
+        if let Some(roots) = &self.extra_roots {
+            builder = builder.add_root_certificate(roots.clone());
+        }
+        builder.build().map_err(classify)
     }
 
     async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
@@ -136,7 +175,7 @@ impl SmtpPool {
                 (t.host.as_str(), t.port),
                 Some(self.timeout),
                 &self.hello,
-                Some(TlsParameters::new(t.host.clone()).map_err(classify)?),
+                Some(self.tls_parameters()?),
                 None,
             )
             .await
@@ -154,14 +193,24 @@ impl SmtpPool {
             let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
                 .await
                 .map_err(classify)?;
+            if t.tls == Tls::Required && !conn.can_starttls() {
+                // Never fall back to plaintext when TLS is required.
+                let _ = conn.quit().await;
+                return Err(transient(format!(
+                    "{}:{} does not offer STARTTLS but mail.smtp_url has tls=required; not sending without TLS",
+                    t.host, t.port
+                )));
+            }
             let wants_tls = match t.tls {
                 Tls::Required => true,
                 Tls::Opportunistic => conn.can_starttls(),
                 _ => false,
             };
             if wants_tls {
-                let params = TlsParameters::new(t.host.clone()).map_err(classify)?;
-                conn.starttls(params, &self.hello).await.map_err(classify)?;
+                let params = self.tls_parameters()?;
+                conn.starttls(params, &self.hello).await.map_err(|e| {
+                    transient(format!("STARTTLS with {}:{} failed: {e}", t.host, t.port))
+                })?;
             }
             conn
         };

@@ -14,4 +14,5 @@ mod properties;
 mod rules;
 mod smtp_selftest;
 mod smtp_server;
+mod smtp_tls;
 mod store_conformance;

@@ -4,15 +4,21 @@
 //! NOOP, QUIT), stores every accepted message in memory, and can be told to
 //! refuse messages for particular recipients at end-of-DATA, either a limited
 //! number of times (`fail_next`) or permanently (`reject_always`).
+//!
+//! [`SmtpServer::start_tls`] serves TLS with a certificate from [`TestCa`]:
+//! implicit TLS (`smtps://`) or STARTTLS (advertised in EHLO; a new EHLO is
+//! required after the upgrade). Each message records whether it came over TLS.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
 
 /// One message accepted by the server (after end-of-DATA was answered 250).
 #[derive(Clone, Debug)]
@@ -26,6 +32,8 @@ pub struct ReceivedMessage {
     pub data: Vec<u8>,
     /// The user name the session authenticated as (AUTH PLAIN), if any.
     pub authenticated_as: Option<String>,
+    /// Whether the message arrived over TLS (implicit or after STARTTLS).
+    pub tls: bool,
     /// When the server accepted it.
     pub received_at: Instant,
 }
@@ -97,6 +105,75 @@ struct State {
     required_auth: Option<(String, String)>,
     /// Pause before answering end-of-DATA (a slow server).
     delay: Duration,
+    /// TLS handshakes that failed (e.g. the client refused our certificate).
+    tls_failures: usize,
+    /// `MAIL` commands received without TLS on a TLS server.
+    plaintext_mail_commands: usize,
+}
+
+/// A private CA and a `localhost`/`127.0.0.1` server certificate it signed,
+/// generated at test time.
+pub struct TestCa {
+    /// The CA certificate, PEM (what `mail.tls_ca_file` points at).
+    pub ca_pem: String,
+    server_config: Arc<rustls::ServerConfig>,
+}
+
+impl TestCa {
+    pub fn generate() -> TestCa {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "engaged test CA");
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = ca_params.self_signed(&ca_key).expect("self-signed CA");
+
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let mut leaf_params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("leaf params");
+        leaf_params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        leaf_params.use_authority_key_identifier_extension = true;
+        let leaf = leaf_params
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .expect("leaf signed by CA");
+
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+        let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .expect("server certificate");
+        TestCa {
+            ca_pem: ca.pem(),
+            server_config: Arc::new(server_config),
+        }
+    }
+}
+
+/// How a TLS test server speaks TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// TLS from the first byte (`smtps://`).
+    Implicit,
+    /// Plaintext greeting, `STARTTLS` advertised in EHLO.
+    StartTls,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -116,11 +193,22 @@ pub struct SmtpServer {
     port: u16,
     state: Shared,
     accept_task: JoinHandle<()>,
+    tls: Option<TlsMode>,
 }
 
 impl SmtpServer {
     /// Bind `127.0.0.1:0` and spawn the accept loop on the current runtime.
     pub async fn start() -> SmtpServer {
+        Self::bind(None).await
+    }
+
+    /// Like [`SmtpServer::start`], serving TLS with `ca`'s server certificate.
+    pub async fn start_tls(mode: TlsMode, ca: &TestCa) -> SmtpServer {
+        Self::bind(Some((mode, TlsAcceptor::from(ca.server_config.clone())))).await
+    }
+
+    async fn bind(tls: Option<(TlsMode, TlsAcceptor)>) -> SmtpServer {
+        let mode = tls.as_ref().map(|(m, _)| *m);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind test SMTP server");
@@ -139,9 +227,10 @@ impl SmtpServer {
                 };
                 lock(&accept_state).connections += 1;
                 let session_state = accept_state.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     // I/O errors just end the session: the client went away.
-                    let _ = session(stream, session_state).await;
+                    let _ = connection(stream, session_state, tls).await;
                 });
             }
         });
@@ -149,6 +238,7 @@ impl SmtpServer {
             port,
             state,
             accept_task,
+            tls: mode,
         }
     }
 
@@ -156,8 +246,24 @@ impl SmtpServer {
         self.port
     }
 
+    /// `smtp://127.0.0.1:PORT`; for a TLS server the matching form:
+    /// `smtps://…` (implicit) or `smtp://…?tls=required` (STARTTLS).
     pub fn url(&self) -> String {
-        format!("smtp://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("smtp://127.0.0.1:{}", self.port),
+            Some(TlsMode::Implicit) => format!("smtps://127.0.0.1:{}", self.port),
+            Some(TlsMode::StartTls) => format!("smtp://127.0.0.1:{}?tls=required", self.port),
+        }
+    }
+
+    /// TLS handshakes that failed (the client gave up on our certificate).
+    pub fn tls_failures(&self) -> usize {
+        lock(&self.state).tls_failures
+    }
+
+    /// `MAIL` commands received without TLS on a TLS server.
+    pub fn plaintext_mail_commands(&self) -> usize {
+        lock(&self.state).plaintext_mail_commands
     }
 
     /// Messages accepted so far, in the order they were accepted.
@@ -266,22 +372,87 @@ async fn reply<W: AsyncWrite + Unpin>(w: &mut W, text: &str) -> std::io::Result<
     w.flush().await
 }
 
-async fn session(stream: TcpStream, state: Shared) -> std::io::Result<()> {
+/// A byte stream a session can run on: plain TCP or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// How a session ended.
+enum Ended {
+    Closed,
+    /// The client asked for STARTTLS and was told to go ahead.
+    StartTls(Box<dyn Io>),
+}
+
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    io: Box<dyn Io>,
+    state: &Shared,
+) -> std::io::Result<Box<dyn Io>> {
+    match acceptor.accept(io).await {
+        Ok(tls) => Ok(Box::new(tls)),
+        Err(e) => {
+            lock(state).tls_failures += 1;
+            Err(e)
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    state: Shared,
+    tls: Option<(TlsMode, TlsAcceptor)>,
+) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
-    let (read_half, mut w) = stream.into_split();
-    let mut r = BufReader::new(read_half);
+    let (mut io, mut secure): (Box<dyn Io>, bool) = match &tls {
+        Some((TlsMode::Implicit, acceptor)) => {
+            (handshake(acceptor, Box::new(stream), &state).await?, true)
+        }
+        _ => (Box::new(stream), false),
+    };
+    let offer_starttls = matches!(tls, Some((TlsMode::StartTls, _)));
+    let mut greet = true;
+    loop {
+        let starttls = offer_starttls && !secure;
+        match session(io, &state, secure, starttls, tls.is_some(), greet).await? {
+            Ended::Closed => return Ok(()),
+            Ended::StartTls(plain) => {
+                let (_, acceptor) = tls.as_ref().expect("STARTTLS only when offered");
+                io = handshake(acceptor, plain, &state).await?;
+                secure = true;
+                greet = false;
+            }
+        }
+    }
+}
+
+/// One SMTP session on `io`. After STARTTLS (`greet` false) there is no
+/// greeting, and the client must send EHLO again before MAIL.
+async fn session(
+    io: Box<dyn Io>,
+    state: &Shared,
+    secure: bool,
+    offer_starttls: bool,
+    tls_server: bool,
+    greet: bool,
+) -> std::io::Result<Ended> {
+    // `BufReader` passes writes through to the stream.
+    let mut r = BufReader::new(io);
+    let state = state.clone();
 
     let mut mail_from: Option<String> = None;
     let mut rcpt_to: Vec<String> = Vec::new();
     let mut line = Vec::new();
     let mut authenticated_as: Option<String> = None;
+    let mut said_ehlo = greet;
 
-    reply(&mut w, "220 localhost ESMTP test\r\n").await?;
+    if greet {
+        reply(&mut r, "220 localhost ESMTP test\r\n").await?;
+    }
 
     loop {
         line.clear();
         if r.read_until(b'\n', &mut line).await? == 0 {
-            return Ok(()); // client disconnected
+            return Ok(Ended::Closed); // client disconnected
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\r', '\n']);
@@ -294,15 +465,33 @@ async fn session(stream: TcpStream, state: Shared) -> std::io::Result<()> {
             "EHLO" => {
                 mail_from = None;
                 rcpt_to.clear();
-                if lock(&state).required_auth.is_some() {
-                    reply(
-                        &mut w,
-                        "250-localhost\r\n250-8BITMIME\r\n250-AUTH PLAIN\r\n250 SMTPUTF8\r\n",
-                    )
-                    .await?;
-                } else {
-                    reply(&mut w, "250-localhost\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n").await?;
+                said_ehlo = true;
+                let mut ehlo = String::from("250-localhost\r\n250-8BITMIME\r\n");
+                if offer_starttls {
+                    ehlo.push_str("250-STARTTLS\r\n");
                 }
+                if lock(&state).required_auth.is_some() {
+                    ehlo.push_str("250-AUTH PLAIN\r\n");
+                }
+                ehlo.push_str("250 SMTPUTF8\r\n");
+                reply(&mut r, &ehlo).await?;
+            }
+            "STARTTLS" if offer_starttls => {
+                if !r.buffer().is_empty() {
+                    // Commands pipelined before the handshake would be
+                    // injected into the TLS session: refuse (RFC 3207).
+                    reply(&mut r, "501 5.5.2 Data after STARTTLS\r\n").await?;
+                    return Ok(Ended::Closed);
+                }
+                reply(&mut r, "220 2.0.0 Ready to start TLS\r\n").await?;
+                return Ok(Ended::StartTls(r.into_inner()));
+            }
+            "MAIL" if tls_server && !secure => {
+                lock(&state).plaintext_mail_commands += 1;
+                reply(&mut r, "530 5.7.0 Must issue a STARTTLS command first\r\n").await?;
+            }
+            "MAIL" if !said_ehlo => {
+                reply(&mut r, "503 5.5.1 EHLO first\r\n").await?;
             }
             "AUTH" => {
                 use base64::Engine as _;
@@ -321,72 +510,72 @@ async fn session(stream: TcpStream, state: Shared) -> std::io::Result<()> {
                 match (required, given) {
                     (Some(req), Some(given)) if req == given => {
                         authenticated_as = Some(given.0);
-                        reply(&mut w, "235 2.7.0 Authentication successful\r\n").await?;
+                        reply(&mut r, "235 2.7.0 Authentication successful\r\n").await?;
                     }
-                    _ => reply(&mut w, "535 5.7.8 Authentication credentials invalid\r\n").await?,
+                    _ => reply(&mut r, "535 5.7.8 Authentication credentials invalid\r\n").await?,
                 }
             }
             "MAIL" if lock(&state).required_auth.is_some() && authenticated_as.is_none() => {
-                reply(&mut w, "530 5.7.0 Authentication required\r\n").await?;
+                reply(&mut r, "530 5.7.0 Authentication required\r\n").await?;
             }
             "HELO" => {
                 mail_from = None;
                 rcpt_to.clear();
-                reply(&mut w, "250 localhost\r\n").await?;
+                reply(&mut r, "250 localhost\r\n").await?;
             }
             "MAIL" => match strip_prefix_ci(arg, "FROM:").and_then(parse_path) {
                 _ if mail_from.is_some() => {
-                    reply(&mut w, "503 5.5.1 Nested MAIL command\r\n").await?
+                    reply(&mut r, "503 5.5.1 Nested MAIL command\r\n").await?
                 }
                 Some(from) => {
                     mail_from = Some(from);
                     rcpt_to.clear();
-                    reply(&mut w, "250 2.1.0 OK\r\n").await?;
+                    reply(&mut r, "250 2.1.0 OK\r\n").await?;
                 }
-                None => reply(&mut w, "501 5.5.4 Syntax: MAIL FROM:<address>\r\n").await?,
+                None => reply(&mut r, "501 5.5.4 Syntax: MAIL FROM:<address>\r\n").await?,
             },
             "RCPT" => match strip_prefix_ci(arg, "TO:").and_then(parse_path) {
                 _ if mail_from.is_none() => {
-                    reply(&mut w, "503 5.5.1 Need MAIL before RCPT\r\n").await?
+                    reply(&mut r, "503 5.5.1 Need MAIL before RCPT\r\n").await?
                 }
                 Some(to) if !to.is_empty() => {
                     rcpt_to.push(to);
-                    reply(&mut w, "250 2.1.5 OK\r\n").await?;
+                    reply(&mut r, "250 2.1.5 OK\r\n").await?;
                 }
-                _ => reply(&mut w, "501 5.5.4 Syntax: RCPT TO:<address>\r\n").await?,
+                _ => reply(&mut r, "501 5.5.4 Syntax: RCPT TO:<address>\r\n").await?,
             },
             "DATA" => {
                 let Some(from) = mail_from.take() else {
-                    reply(&mut w, "503 5.5.1 Need MAIL command\r\n").await?;
+                    reply(&mut r, "503 5.5.1 Need MAIL command\r\n").await?;
                     continue;
                 };
                 if rcpt_to.is_empty() {
                     mail_from = Some(from);
-                    reply(&mut w, "503 5.5.1 Need RCPT command\r\n").await?;
+                    reply(&mut r, "503 5.5.1 Need RCPT command\r\n").await?;
                     continue;
                 }
                 let rcpts = std::mem::take(&mut rcpt_to);
-                reply(&mut w, "354 End data with <CR><LF>.<CR><LF>\r\n").await?;
+                reply(&mut r, "354 End data with <CR><LF>.<CR><LF>\r\n").await?;
 
                 let Some(data) = read_data(&mut r).await? else {
-                    return Ok(()); // disconnected mid-DATA: drop the message
+                    return Ok(Ended::Closed); // disconnected mid-DATA: drop the message
                 };
                 let answer =
-                    finish_transaction(&state, from, rcpts, data, authenticated_as.clone());
-                reply(&mut w, &answer).await?;
+                    finish_transaction(&state, from, rcpts, data, authenticated_as.clone(), secure);
+                reply(&mut r, &answer).await?;
             }
             "RSET" => {
                 mail_from = None;
                 rcpt_to.clear();
-                reply(&mut w, "250 2.0.0 OK\r\n").await?;
+                reply(&mut r, "250 2.0.0 OK\r\n").await?;
             }
-            "NOOP" => reply(&mut w, "250 2.0.0 OK\r\n").await?,
+            "NOOP" => reply(&mut r, "250 2.0.0 OK\r\n").await?,
             "QUIT" => {
-                reply(&mut w, "221 2.0.0 Bye\r\n").await?;
-                let _ = w.shutdown().await;
-                return Ok(());
+                reply(&mut r, "221 2.0.0 Bye\r\n").await?;
+                let _ = r.shutdown().await;
+                return Ok(Ended::Closed);
             }
-            _ => reply(&mut w, "502 5.5.2 Command not implemented\r\n").await?,
+            _ => reply(&mut r, "502 5.5.2 Command not implemented\r\n").await?,
         }
     }
 }
@@ -418,6 +607,7 @@ fn finish_transaction(
     rcpts: Vec<String>,
     data: Vec<u8>,
     authenticated_as: Option<String>,
+    tls: bool,
 ) -> String {
     let mut st = lock(state);
     let keys: Vec<String> = rcpts.iter().map(|r| normalise(r)).collect();
@@ -449,6 +639,7 @@ fn finish_transaction(
                 rcpt_to: rcpts,
                 data,
                 authenticated_as,
+                tls,
                 received_at: Instant::now(),
             });
             "250 2.0.0 OK: queued\r\n".to_string()
