@@ -560,6 +560,11 @@ async fn session(
                 let Some(data) = read_data(&mut r).await? else {
                     return Ok(Ended::Closed); // disconnected mid-DATA: drop the message
                 };
+                // A slow server: the message is only accepted after the pause.
+                let delay = lock(&state).delay;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 let answer =
                     finish_transaction(&state, from, rcpts, data, authenticated_as.clone(), secure);
                 reply(&mut r, &answer).await?;
