@@ -177,3 +177,28 @@ async fn a_missing_or_invalid_tls_ca_file_stops_startup_naming_the_file() {
     }
     assert_eq!(app.smtp.connections(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_opportunistic_upgrades_when_offered_and_sends_plainly_when_not() {
+    // Offered: STARTTLS is used.
+    let app = tls_app(Some(TlsMode::StartTls), true).await;
+    let url = app.smtp.url().replace("tls=required", "tls=opportunistic");
+    app.write_config(&format!(
+        "[delivery]\nrun_retry_window_ms = 0\n[mail]\nsmtp_url = \"{url}\"\ntls_ca_file = \"{}\"\n",
+        app.path("ca.pem").display()
+    ));
+    assert_welcome_delivered_over_tls(&app).await;
+
+    // Not offered: delivered without TLS rather than not at all.
+    let app = tls_app(None, false).await;
+    app.write_config(&format!(
+        "[delivery]\nrun_retry_window_ms = 0\n[mail]\nsmtp_url = \"{}?tls=opportunistic\"\n",
+        app.smtp.url()
+    ));
+    let summary = app.run_at(NOW).await;
+    assert_eq!(summary["delivery"]["sent"], 1, "{summary}");
+    let messages = app.smtp.messages();
+    assert_eq!(messages.len(), 1);
+    assert!(!messages[0].tls);
+    assert_eq!(messages[0].rcpt_to, vec!["ana@example.com".to_owned()]);
+}
