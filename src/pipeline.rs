@@ -524,14 +524,7 @@ async fn apply_policies_and_commit(
 ) -> Result<Option<Committed>, StoreError> {
     // Keys already in the ledger: those actions are deduplicated, so only
     // the rest compete for the guard, the cap and the audit trail.
-    let keys: Vec<String> = eval
-        .outgoing
-        .iter()
-        .filter_map(|o| match o {
-            Outgoing::Action(a) => Some(a.dedup_key.clone()),
-            Outgoing::Escalation(_) => None,
-        })
-        .collect();
+    let keys = action_keys(&eval.outgoing);
     let existing = store.existing_dedup_keys(&keys).await?;
     // An action asked for twice in one run (send_email in a loop, two rules
     // tagging alike) is one action: only its first request meets the
@@ -582,14 +575,7 @@ async fn apply_policies_and_commit(
             default_owner,
         );
     }
-    let planned: HashSet<String> = eval
-        .outgoing
-        .iter()
-        .filter_map(|o| match o {
-            Outgoing::Action(a) => Some(a.dedup_key.clone()),
-            Outgoing::Escalation(_) => None,
-        })
-        .collect();
+    let planned: HashSet<String> = action_keys(&eval.outgoing).into_iter().collect();
     eval.outgoing.extend(copies.into_iter().filter(|o| match o {
         Outgoing::Action(a) => planned.contains(&a.dedup_key),
         Outgoing::Escalation(_) => true,
@@ -728,6 +714,17 @@ impl Drop for PlannerLock {
     fn drop(&mut self) {
         self.renewal.abort();
     }
+}
+
+/// The dedup key of every action in a plan.
+pub(crate) fn action_keys(outgoing: &[Outgoing]) -> Vec<String> {
+    outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Action(a) => Some(a.dedup_key.clone()),
+            Outgoing::Escalation(_) => None,
+        })
+        .collect()
 }
 
 /// The (customer, rule) of every escalation in a plan.

@@ -14,7 +14,7 @@ use crate::domain::{CustomerId, Email};
 use crate::engine::RuleSet;
 use crate::facts::Facts;
 use crate::pipeline::{
-    Outgoing, evaluate, guard_decision, kind_label, overflow_owners, to_outgoing,
+    Outgoing, action_keys, evaluate, guard_decision, kind_label, overflow_owners, to_outgoing,
 };
 use crate::plan::OutboxKind;
 use crate::policy::{CapDecision, RulePolicy, apply_cap};
@@ -104,7 +104,7 @@ struct Ledger {
     keys: HashSet<String>,
     open: HashSet<(String, String)>,
     /// A resolved escalation is not reopened for the same reason.
-    resolved: HashSet<(String, String, String)>,
+    resolved: HashSet<(CustomerId, String, String)>,
     emails: HashMap<String, Vec<DateTime<Utc>>>,
     tags: HashMap<String, Vec<String>>,
     /// Escalations opened by the simulation: owner and when.
@@ -149,7 +149,7 @@ pub async fn simulate(
         resolved: all
             .into_iter()
             .filter(|e| e.status == "resolved")
-            .map(|e| (e.customer_id, e.rule, e.reason))
+            .filter_map(|e| Some((CustomerId::parse(&e.customer_id).ok()?, e.rule, e.reason)))
             .collect(),
         emails: HashMap::new(),
         tags: HashMap::new(),
@@ -234,13 +234,7 @@ async fn apply_policies(
     out: &mut Vec<Happening>,
 ) -> Result<(), StoreError> {
     let mut outgoing = firing.outgoing;
-    let keys: Vec<String> = outgoing
-        .iter()
-        .filter_map(|o| match o {
-            Outgoing::Action(a) => Some(a.dedup_key.clone()),
-            Outgoing::Escalation(_) => None,
-        })
-        .collect();
+    let keys = action_keys(&outgoing);
     let mut existing = store.existing_dedup_keys(&keys).await?;
     existing.extend(
         keys.into_iter()
@@ -265,15 +259,10 @@ async fn apply_policies(
             .iter()
             .filter_map(|(c, r)| Some((CustomerId::parse(c).ok()?, r.clone())))
             .collect();
-        let resolved: HashSet<(CustomerId, String, String)> = ledger
-            .resolved
-            .iter()
-            .filter_map(|(c, r, why)| Some((CustomerId::parse(c).ok()?, r.clone(), why.clone())))
-            .collect();
         overflow_owners(
             &mut outgoing,
             &open,
-            &resolved,
+            &ledger.resolved,
             counts,
             config.escalation.owner_daily_cap,
             default_owner,
@@ -317,11 +306,12 @@ async fn apply_policies(
                 out.push(happening(at, schedule, o, None));
             }
             Outgoing::Escalation(e) => {
+                let was_resolved = ledger.resolved.contains(&(
+                    e.customer_id.clone(),
+                    e.rule.clone(),
+                    e.reason.clone(),
+                ));
                 let pair = (e.customer_id.to_string(), e.rule.clone());
-                let was_resolved =
-                    ledger
-                        .resolved
-                        .contains(&(pair.0.clone(), pair.1.clone(), e.reason.clone()));
                 if !was_resolved && ledger.open.insert(pair) {
                     ledger.escalations.push((e.owner.clone(), at));
                     let mut h = happening(at, schedule, o, None);

@@ -54,6 +54,36 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// (customer, rule, reason) of the escalations of these pairs that are
+    /// resolved (`resolved`) or still open (open or acknowledged).
+    async fn escalations_of_pairs(
+        &self,
+        pairs: &[(CustomerId, String)],
+        resolved: bool,
+    ) -> StoreResult<Vec<(CustomerId, String, String)>> {
+        let sql = if resolved {
+            "SELECT customer_id, rule, reason FROM escalations WHERE status = 'resolved'
+             AND customer_id = ANY($1)"
+        } else {
+            "SELECT customer_id, rule, reason FROM escalations
+             WHERE status IN ('open', 'acknowledged') AND customer_id = ANY($1)"
+        };
+        let wanted: HashSet<&(CustomerId, String)> = pairs.iter().collect();
+        let ids: Vec<&str> = pairs.iter().map(|(c, _)| c.as_str()).collect();
+        let mut found = Vec::new();
+        for chunk in ids.chunks(CHUNK) {
+            let rows = sqlx::query(sql).bind(chunk).fetch_all(&self.pool).await?;
+            for r in rows {
+                let c: String = r.try_get("customer_id")?;
+                let pair = (id_of(&c, "escalations")?, r.try_get::<String, _>("rule")?);
+                if wanted.contains(&pair) {
+                    found.push((pair.0, pair.1, r.try_get("reason")?));
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Connects to the database at `url` (`postgres://` or `postgresql://`)
     /// and migrates it. Several replicas may start at once: sqlx holds an
     /// advisory lock while it migrates.
@@ -908,52 +938,23 @@ impl Store for PostgresStore {
         &self,
         pairs: &[(CustomerId, String)],
     ) -> StoreResult<HashSet<(CustomerId, String, String)>> {
-        let wanted: HashSet<&(CustomerId, String)> = pairs.iter().collect();
-        let ids: Vec<&str> = pairs.iter().map(|(c, _)| c.as_str()).collect();
-        let mut found = HashSet::new();
-        for chunk in ids.chunks(CHUNK) {
-            let rows = sqlx::query(
-                "SELECT customer_id, rule, reason FROM escalations WHERE status = 'resolved'
-                 AND customer_id = ANY($1)",
-            )
-            .bind(chunk)
-            .fetch_all(&self.pool)
-            .await?;
-            for r in rows {
-                let c: String = r.try_get("customer_id")?;
-                let pair = (id_of(&c, "escalations")?, r.try_get::<String, _>("rule")?);
-                if wanted.contains(&pair) {
-                    found.insert((pair.0, pair.1, r.try_get("reason")?));
-                }
-            }
-        }
-        Ok(found)
+        Ok(self
+            .escalations_of_pairs(pairs, true)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     async fn open_escalation_pairs(
         &self,
         pairs: &[(CustomerId, String)],
     ) -> StoreResult<HashSet<(CustomerId, String)>> {
-        let wanted: HashSet<&(CustomerId, String)> = pairs.iter().collect();
-        let ids: Vec<&str> = pairs.iter().map(|(c, _)| c.as_str()).collect();
-        let mut found = HashSet::new();
-        for chunk in ids.chunks(CHUNK) {
-            let rows = sqlx::query(
-                "SELECT customer_id, rule FROM escalations WHERE status IN ('open', 'acknowledged')
-                 AND customer_id = ANY($1)",
-            )
-            .bind(chunk)
-            .fetch_all(&self.pool)
-            .await?;
-            for r in rows {
-                let c: String = r.try_get("customer_id")?;
-                let pair = (id_of(&c, "escalations")?, r.try_get::<String, _>("rule")?);
-                if wanted.contains(&pair) {
-                    found.insert(pair);
-                }
-            }
-        }
-        Ok(found)
+        Ok(self
+            .escalations_of_pairs(pairs, false)
+            .await?
+            .into_iter()
+            .map(|(c, rule, _)| (c, rule))
+            .collect())
     }
 
     async fn commit_plan(&self, plan: PlanCommit) -> StoreResult<CommitOutcome> {

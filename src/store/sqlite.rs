@@ -31,6 +31,39 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// (customer, rule, reason) of the escalations of these pairs that are
+    /// resolved (`resolved`) or still open (open or acknowledged).
+    async fn escalations_of_pairs(
+        &self,
+        pairs: &[(CustomerId, String)],
+        resolved: bool,
+    ) -> StoreResult<Vec<(CustomerId, String, String)>> {
+        let sql = if resolved {
+            "SELECT customer_id, rule, reason FROM escalations WHERE status = 'resolved'
+             AND customer_id IN (SELECT value FROM json_each(?))"
+        } else {
+            "SELECT customer_id, rule, reason FROM escalations
+             WHERE status IN ('open', 'acknowledged') AND customer_id IN (SELECT value FROM json_each(?))"
+        };
+        let wanted: HashSet<&(CustomerId, String)> = pairs.iter().collect();
+        let ids: Vec<&str> = pairs.iter().map(|(c, _)| c.as_str()).collect();
+        let mut found = Vec::new();
+        for chunk in ids.chunks(5000) {
+            let rows = sqlx::query(sql)
+                .bind(serde_json::to_string(chunk).unwrap_or_else(|_| "[]".into()))
+                .fetch_all(&self.pool)
+                .await?;
+            for r in rows {
+                let c: String = r.try_get("customer_id")?;
+                let pair = (id_of(&c, "escalations")?, r.try_get::<String, _>("rule")?);
+                if wanted.contains(&pair) {
+                    found.push((pair.0, pair.1, r.try_get("reason")?));
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Opens (creating if missing) the database at `url` and migrates it.
     pub async fn open(url: &str) -> StoreResult<Self> {
         let options = SqliteConnectOptions::from_str(url)?
@@ -257,53 +290,23 @@ impl Store for SqliteStore {
         &self,
         pairs: &[(CustomerId, String)],
     ) -> StoreResult<HashSet<(CustomerId, String, String)>> {
-        let wanted: HashSet<&(CustomerId, String)> = pairs.iter().collect();
-        let ids: Vec<&str> = pairs.iter().map(|(c, _)| c.as_str()).collect();
-        let mut found = HashSet::new();
-        for chunk in ids.chunks(5000) {
-            let rows = sqlx::query(
-                "SELECT customer_id, rule, reason FROM escalations WHERE status = 'resolved'
-                 AND customer_id IN (SELECT value FROM json_each(?))",
-            )
-            .bind(serde_json::to_string(chunk).unwrap_or_else(|_| "[]".into()))
-            .fetch_all(&self.pool)
-            .await?;
-            for r in rows {
-                let c: String = r.try_get("customer_id")?;
-                let pair = (id_of(&c, "escalations")?, r.try_get::<String, _>("rule")?);
-                if wanted.contains(&pair) {
-                    found.insert((pair.0, pair.1, r.try_get("reason")?));
-                }
-            }
-        }
-        Ok(found)
+        Ok(self
+            .escalations_of_pairs(pairs, true)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     async fn open_escalation_pairs(
         &self,
         pairs: &[(CustomerId, String)],
     ) -> StoreResult<HashSet<(CustomerId, String)>> {
-        let wanted: HashSet<&(CustomerId, String)> = pairs.iter().collect();
-        let ids: Vec<&str> = pairs.iter().map(|(c, _)| c.as_str()).collect();
-        let mut found = HashSet::new();
-        for chunk in ids.chunks(5000) {
-            let list = serde_json::to_string(chunk).unwrap_or_else(|_| "[]".into());
-            let rows = sqlx::query(
-                "SELECT customer_id, rule FROM escalations WHERE status IN ('open', 'acknowledged')
-                 AND customer_id IN (SELECT value FROM json_each(?))",
-            )
-            .bind(list)
-            .fetch_all(&self.pool)
-            .await?;
-            for r in rows {
-                let c: String = r.try_get("customer_id")?;
-                let pair = (id_of(&c, "escalations")?, r.try_get::<String, _>("rule")?);
-                if wanted.contains(&pair) {
-                    found.insert(pair);
-                }
-            }
-        }
-        Ok(found)
+        Ok(self
+            .escalations_of_pairs(pairs, false)
+            .await?
+            .into_iter()
+            .map(|(c, rule, _)| (c, rule))
+            .collect())
     }
 
     async fn commit_plan(&self, plan: PlanCommit) -> StoreResult<CommitOutcome> {
