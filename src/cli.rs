@@ -685,7 +685,8 @@ async fn would_do(
         policy: app.config.policy.clone(),
         guard: app.config.guard.clone(),
         escalation: app.config.escalation.clone(),
-        committed: None,
+        firing: None,
+        cancel: None,
     };
     let summary = pipeline::run(
         Arc::clone(&app.store),
@@ -918,7 +919,8 @@ async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, trigger: &str) -> Res
         policy: app.config.policy.clone(),
         guard: app.config.guard.clone(),
         escalation: app.config.escalation.clone(),
-        committed: None,
+        firing: None,
+        cancel: None,
     };
     let summary = pipeline::run(
         Arc::clone(&app.store),

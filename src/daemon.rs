@@ -18,18 +18,24 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::deliver::{Deliverer, DeliveryReport};
 use crate::domain::Email;
+use crate::heartbeat::{Heartbeat, Notice};
 use crate::library::{Library, LibraryHandle, fingerprint};
 use crate::metrics::Metrics;
-use crate::pipeline::{self, RunOptions, RunSummary};
+use crate::pipeline::{self, RunError, RunOptions, RunSummary};
 use crate::schedule::{Schedule, decide};
 use crate::store::{Firing, Store};
 use crate::unsubscribe::{Signer, random_secret};
-use std::sync::atomic::{AtomicI64, Ordering};
 
-/// How long a claimed firing stays reserved for the process running it.
-const FIRING_LEASE: chrono::Duration = chrono::Duration::minutes(30);
+/// How long a claimed firing stays reserved for the process running it; the
+/// lease is renewed every `FIRING_RENEW` while the run goes on, so a holder
+/// that died elsewhere is replaced within seconds (on this machine at once,
+/// see `liveness`).
+const FIRING_LEASE: chrono::Duration = chrono::Duration::seconds(15);
+const FIRING_RENEW: Duration = Duration::from_secs(3);
 /// Longest idle wait of the worker loops (they also wake on notifications).
 const IDLE: Duration = Duration::from_millis(500);
+/// How often the watchdog looks at the heartbeat.
+const WATCHDOG_EVERY: Duration = Duration::from_secs(1);
 
 /// The running daemon's parts.
 pub struct Daemon {
@@ -46,7 +52,12 @@ pub struct Daemon {
     default_owner: Email,
     /// The firing being run, so a shutdown that interrupts it can queue it
     /// again instead of leaving it leased.
-    running: std::sync::Mutex<Option<(Firing, Arc<AtomicI64>)>>,
+    running: std::sync::Mutex<Option<Firing>>,
+    /// Cancelled at shutdown: a run still evaluating stops at once.
+    stop_runs: tokio_util::sync::CancellationToken,
+    /// Ticks take turns (the cron heartbeat and the watchdog may both try).
+    ticking: tokio::sync::Mutex<()>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl Daemon {
@@ -97,6 +108,9 @@ impl Daemon {
             delivery_wake: Arc::new(Notify::new()),
             default_owner,
             running: std::sync::Mutex::new(None),
+            stop_runs: tokio_util::sync::CancellationToken::new(),
+            ticking: tokio::sync::Mutex::new(()),
+            heartbeat: Arc::new(Heartbeat::new(std::time::Instant::now())),
         }))
     }
 
@@ -114,14 +128,24 @@ impl Daemon {
             write_key: self.config.http.write_key.clone(),
             admin_token: self.config.http.admin_token.clone(),
             run_requested: Arc::clone(&self.run_requested),
+            heartbeat: Some(Arc::clone(&self.heartbeat)),
         }))
     }
 
-    /// One scheduler tick: records the firings due now in the ledger (once,
+    /// One scheduler tick: takes over the leases of processes of this
+    /// machine that died, records the firings due now in the ledger (once,
     /// whatever the number of replicas) and wakes the run worker. Returns
-    /// how many firings were queued to run.
+    /// how many firings were queued to run. Ticks take turns; a tick that
+    /// finds another one going returns 0.
     pub async fn tick(&self) -> Result<usize> {
+        let Ok(_turn) = self.ticking.try_lock() else {
+            return Ok(0);
+        };
         let now = self.clock.now();
+        if crate::liveness::reap_dead_holders(&*self.store, now).await? > 0 {
+            self.run_requested.notify_one();
+            self.delivery_wake.notify_one();
+        }
         let mut queued = 0;
         for s in &self.schedules {
             let last = self.store.last_firing(&s.name).await?;
@@ -144,53 +168,118 @@ impl Daemon {
                 }
             }
         }
+        self.heartbeat.ticked(std::time::Instant::now());
         if queued > 0 {
             self.run_requested.notify_one();
         }
         Ok(queued)
     }
 
+    /// A tick from one of the heartbeats; errors are logged.
+    async fn beat(&self) {
+        if let Err(e) = self.tick().await {
+            tracing::error!("Scheduler tick failed: {e:#}");
+        }
+    }
+
+    /// The watchdog's look at the heartbeat: logs stalls and clock steps,
+    /// and ticks itself when the cron heartbeat has not for two seconds.
+    async fn watch(&self) {
+        let at = std::time::Instant::now();
+        for notice in self.heartbeat.beat(at, chrono::Utc::now()) {
+            match notice {
+                Notice::Gap(d) => tracing::warn!(
+                    seconds = d.as_secs_f64(),
+                    "The daemon did not run for {:.1} s (stopped, or the machine was overloaded); catching up.",
+                    d.as_secs_f64()
+                ),
+                Notice::ClockStep(d) => tracing::warn!(
+                    seconds = d.num_milliseconds() as f64 / 1000.0,
+                    "The wall clock stepped by {:.1} s; fire times are judged by the new time.",
+                    d.num_milliseconds() as f64 / 1000.0
+                ),
+                Notice::Stalled(d) => tracing::error!(
+                    seconds = d.as_secs_f64(),
+                    "The scheduler has not ticked for {:.0} s; /readyz reports it until it does.",
+                    d.as_secs_f64()
+                ),
+                Notice::Recovered(_) => tracing::info!("The scheduler is ticking again."),
+            }
+        }
+        if self.heartbeat.since_ok(at) >= 2 * WATCHDOG_EVERY {
+            self.beat().await;
+        }
+    }
+
     /// One step of the run worker: claims the oldest queued firing (never
-    /// two of one schedule at once), evaluates and commits its plan, and
-    /// wakes delivery. `None` when nothing is queued.
+    /// two of one schedule at once), evaluates and commits its plan (which
+    /// marks the firing done in the same transaction), and wakes delivery.
+    /// `None` when nothing is queued.
     pub async fn run_next_firing(&self) -> Result<Option<RunSummary>> {
         let now = self.clock.now();
-        let Some(firing) = self.store.claim_firing(now, now + FIRING_LEASE).await? else {
+        let holder = crate::liveness::holder_token();
+        let Some(firing) = self
+            .store
+            .claim_firing(now, now + FIRING_LEASE, &holder)
+            .await?
+        else {
             return Ok(None);
         };
-        let committed = Arc::new(AtomicI64::new(0));
-        *self.running.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((firing.clone(), Arc::clone(&committed)));
-        let result = self.run_firing(&firing, committed).await;
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(firing.clone());
+        let renewal = {
+            let (store, clock, firing) = (
+                Arc::clone(&self.store),
+                Arc::clone(&self.clock),
+                firing.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(FIRING_RENEW).await;
+                    match store
+                        .renew_firing(&firing, clock.now() + FIRING_LEASE)
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(schedule = %firing.schedule, "This run's firing was taken over by another process.");
+                            break;
+                        }
+                        Err(e) => tracing::warn!("Could not renew the firing's lease: {e}"),
+                    }
+                }
+            })
+        };
+        let result = self.run_firing(&firing).await;
+        renewal.abort();
         self.running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        match result {
+        let (status, note) = match &result {
             Ok(summary) => {
-                self.store
-                    .finish_firing(&firing, "done", summary.run_id, None, self.clock.now())
-                    .await?;
                 self.delivery_wake.notify_one();
-                Ok(Some(summary))
+                if summary.run_id.is_some() {
+                    // The commit marked the firing done.
+                    return Ok(result.ok());
+                }
+                ("done", None)
             }
+            Err(RunError::Cancelled) => (
+                "pending",
+                Some("interrupted by a shutdown; queued again".to_owned()),
+            ),
             Err(e) => {
                 tracing::error!(schedule = %firing.schedule, "Run failed: {e:#}");
-                self.store
-                    .finish_firing(
-                        &firing,
-                        "failed",
-                        None,
-                        Some(&format!("{e:#}")),
-                        self.clock.now(),
-                    )
-                    .await?;
-                Err(e)
+                ("failed", Some(format!("{e:#}")))
             }
-        }
+        };
+        self.store
+            .finish_firing(&firing, status, None, note.as_deref(), self.clock.now())
+            .await?;
+        Ok(Some(result?))
     }
 
-    async fn run_firing(&self, firing: &Firing, committed: Arc<AtomicI64>) -> Result<RunSummary> {
+    async fn run_firing(&self, firing: &Firing) -> Result<RunSummary, RunError> {
         let library = self.library.current();
         let only = self
             .schedules
@@ -206,7 +295,8 @@ impl Daemon {
             policy: self.config.policy.clone(),
             guard: self.config.guard.clone(),
             escalation: self.config.escalation.clone(),
-            committed: Some(committed),
+            firing: Some(firing.clone()),
+            cancel: Some(self.stop_runs.clone()),
         };
         let summary = pipeline::run(
             Arc::clone(&self.store),
@@ -284,9 +374,11 @@ impl Daemon {
         }
     }
 
-    /// Runs everything until `shutdown` resolves, then stops taking work,
-    /// lets sends in flight finish within `delivery.shutdown_grace_ms`,
-    /// releases what was claimed but not started, and returns.
+    /// Runs everything until `shutdown` resolves, then stops taking work:
+    /// a run still evaluating stops at once and its firing is queued again,
+    /// claimed actions not being sent are released at once, and sends in
+    /// flight get until `delivery.shutdown_grace_ms` (one deadline for
+    /// everything) before the process lets them go.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
@@ -296,7 +388,7 @@ impl Daemon {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, schedules = self.schedules.len(), "engaged is serving.");
 
-        let http = {
+        let mut http = {
             let stop = cancel.clone();
             let router = self.router();
             tokio::spawn(async move {
@@ -306,32 +398,49 @@ impl Daemon {
             })
         };
 
-        // The heartbeat: tokio-cron-scheduler fires every second; each firing
-        // only calls `tick`, which decides from the ledger and the clock.
+        // The heartbeat: a tokio-cron-scheduler job on a UTC cron that fires
+        // every second. Cron jobs compute their next tick from the time they
+        // fire, so a stall or a forward clock step does not stop them (its
+        // `new_repeated` jobs add the interval to the previous tick and die
+        // for good after a stall: tokio-cron-scheduler issue #113), but a
+        // backward clock step pauses them for the size of the step. Time
+        // zones are never given to it (it freezes them into a fixed offset):
+        // each tick decides from the ledger and the clock, DST included.
         let mut heartbeat = tokio_cron_scheduler::JobScheduler::new().await?;
         {
             let me = Arc::clone(&self);
             heartbeat
-                .add(tokio_cron_scheduler::Job::new_repeated_async(
-                    Duration::from_secs(1),
+                .add(tokio_cron_scheduler::Job::new_async(
+                    "* * * * * *",
                     move |_, _| {
                         let me = Arc::clone(&me);
-                        Box::pin(async move {
-                            if let Err(e) = me.tick().await {
-                                tracing::error!("Scheduler tick failed: {e:#}");
-                            }
-                        })
+                        Box::pin(async move { me.beat().await })
                     },
                 )?)
                 .await?;
         }
         heartbeat.start().await?;
+        // The watchdog runs on tokio's monotonic timer, which neither stalls
+        // nor clock steps can derail: it logs them, and ticks itself
+        // whenever the cron heartbeat has not ticked for two seconds.
+        let watchdog = {
+            let me = Arc::clone(&self);
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(WATCHDOG_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while !stop.is_cancelled() {
+                    tokio::select! {
+                        _ = every.tick() => me.watch().await,
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            })
+        };
         // Catch up at start without waiting for the first heartbeat.
-        if let Err(e) = self.tick().await {
-            tracing::error!("Scheduler tick failed: {e:#}");
-        }
+        self.beat().await;
 
-        let runs = {
+        let mut runs = {
             let me = Arc::clone(&self);
             let stop = cancel.clone();
             tokio::spawn(async move {
@@ -349,7 +458,7 @@ impl Daemon {
             })
         };
 
-        let delivery = {
+        let mut delivery = {
             let me = Arc::clone(&self);
             tokio::spawn(async move {
                 let stopping = me.deliverer.stopping();
@@ -390,50 +499,52 @@ impl Daemon {
         };
 
         shutdown.await;
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.config.delivery.shutdown_grace_ms);
         tracing::info!("Shutting down: no new work; finishing sends in flight.");
         cancel.cancel();
+        self.stop_runs.cancel();
         self.deliverer.stopping().cancel();
-        let _ = heartbeat.shutdown().await;
-        let grace = Duration::from_millis(self.config.delivery.shutdown_grace_ms);
-        if tokio::time::timeout(grace, delivery).await.is_err() {
+        let _ = tokio::time::timeout_at(deadline, heartbeat.shutdown()).await;
+        // One deadline for everything that is still finishing.
+        let all = futures::future::join3(&mut delivery, &mut runs, &mut http);
+        if tokio::time::timeout_at(deadline, all).await.is_err() {
             tracing::warn!(
-                "Sends still in flight after the grace period; their leases will expire and another process will deliver them."
+                "Work still in flight when the shutdown grace ended was stopped; a restart on this machine takes its claims over at once (elsewhere when their leases end)."
             );
         }
-        let mut runs = runs;
-        if tokio::time::timeout(grace, &mut runs).await.is_err() {
-            runs.abort();
-            let _ = runs.await;
-            let interrupted = self
-                .running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            if let Some((firing, committed)) = interrupted {
-                // A plan is committed in one transaction: before it, nothing
-                // of the run is stored and the firing can run again; after
-                // it, the firing is done (delivery picks up what it planned).
-                let run_id = committed.load(Ordering::SeqCst);
-                let (status, run_id, note) = if run_id > 0 {
-                    (
-                        "done",
-                        Some(run_id),
-                        "stopped by a shutdown after its plan was committed",
-                    )
-                } else {
-                    ("pending", None, "interrupted by a shutdown; queued again")
-                };
-                tracing::warn!(
+        for task in [&delivery, &runs, &watchdog, &reload] {
+            task.abort();
+        }
+        http.abort();
+        let interrupted = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(firing) = interrupted {
+            // Before the commit nothing of the run is stored and the firing
+            // can run again; a committed firing is done already, and
+            // finishing only changes a firing that is still running.
+            let requeue = self.store.finish_firing(
+                &firing,
+                "pending",
+                None,
+                Some("interrupted by a shutdown; queued again"),
+                self.clock.now(),
+            );
+            match tokio::time::timeout(Duration::from_millis(500), requeue).await {
+                Ok(Ok(true)) => tracing::warn!(
                     schedule = %firing.schedule,
-                    "A run was still going at shutdown; it was stopped: {note}."
-                );
-                self.store
-                    .finish_firing(&firing, status, run_id, Some(note), self.clock.now())
-                    .await?;
+                    "A run was still going at shutdown; it was stopped and queued again."
+                ),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!("Could not queue the interrupted run again: {e}"),
+                Err(_) => tracing::warn!(
+                    "Queueing the interrupted run again timed out; a restart on this machine does it."
+                ),
             }
         }
-        let _ = tokio::time::timeout(grace, http).await;
-        reload.abort();
         tracing::info!("Stopped.");
         Ok(())
     }

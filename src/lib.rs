@@ -24,6 +24,8 @@
 //! - [`library`]: the rules and templates in use, swapped atomically on hot reload.
 //! - [`schedule`]: cron fire times (DST-correct) and the durable firing ledger; a tick only enqueues.
 //! - [`simulate`]: `engaged simulate`: the next N days on a virtual clock, nothing written.
+//! - [`liveness`]: lease-holder tokens naming this process, and taking over leases of processes that died.
+//! - [`heartbeat`]: when the scheduler last ticked; stalls and clock steps, for `/readyz` and the watchdog.
 //! - [`daemon`]: `engaged serve`: scheduler, run worker, delivery workers, HTTP, reload, shutdown.
 //! - [`api`]: the HTTP API (Segment ingestion, unsubscribe, health, metrics, admin).
 //! - [`metrics`]: Prometheus metrics. [`clock`]: time as a parameter.
@@ -43,8 +45,10 @@ pub mod domain;
 pub mod engine;
 pub mod facts;
 pub mod fixtures;
+pub mod heartbeat;
 pub mod ingest;
 pub mod library;
+pub mod liveness;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;

@@ -10,9 +10,13 @@ fn main() -> ExitCode {
     // `engaged run --json | head` closes stdout early: end quietly like other
     // Unix tools instead of panicking in println!.
     sigpipe::reset();
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .expect("the tokio runtime starts")
-        .block_on(engaged::cli::main())
+        .expect("the tokio runtime starts");
+    let code = runtime.block_on(engaged::cli::main());
+    // Dropping a runtime waits for its blocking tasks however long they
+    // take; a shutdown that already waited its grace period must not.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
 }

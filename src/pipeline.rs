@@ -27,6 +27,7 @@ use crate::store::{
     Decision, HistoryEvent, NewAction, NewEscalation, PlanCommit, RuleErrorRecord, Store,
     StoreError,
 };
+use tokio_util::sync::CancellationToken;
 
 /// Customers evaluated per page.
 const PAGE: usize = 2_000;
@@ -232,7 +233,9 @@ pub async fn evaluate(
     now: DateTime<Utc>,
     default_owner: &Email,
     progress: Option<&indicatif::ProgressBar>,
-) -> Result<Evaluation, StoreError> {
+    cancel: Option<&CancellationToken>,
+) -> Result<Evaluation, RunError> {
+    let stopped = || cancel.is_some_and(|c| c.is_cancelled());
     let selected = rules
         .rules()
         .iter()
@@ -243,11 +246,15 @@ pub async fn evaluate(
     let mut after: Option<CustomerId> = None;
     let mut page = load_page(store, None, now).await?;
     while !page.is_empty() {
+        if stopped() {
+            return Err(RunError::Cancelled);
+        }
         let loaded = page.len() as u64;
         after = page.last().map(|f| f.customer.id.clone()).or(after);
         let rules_for_page = Arc::clone(&rules);
         let only_for_page = only.clone();
         let owner = default_owner.clone();
+        let cancel_page = cancel.cloned();
         // Customers who signed up after `now` did not exist yet: a replay of
         // the past must not welcome them.
         page.retain(|f| f.customer.created_at.is_none_or(|c| c <= now));
@@ -257,6 +264,10 @@ pub async fn evaluate(
             let results: Vec<(Vec<Outgoing>, Vec<RuleErrorRecord>)> = page
                 .into_par_iter()
                 .map(|facts| {
+                    // A shutdown stops the page at once; the run is discarded.
+                    if cancel_page.as_ref().is_some_and(|c| c.is_cancelled()) {
+                        return (Vec::new(), Vec::new());
+                    }
                     let facts = Arc::new(facts);
                     let mut outgoing = Vec::new();
                     let mut errors = Vec::new();
@@ -284,6 +295,9 @@ pub async fn evaluate(
             table: "evaluation",
             message: format!("evaluation task failed: {e}"),
         })?;
+        if stopped() {
+            return Err(RunError::Cancelled);
+        }
         out.rule_seconds += rule_seconds;
         let n = results.len() as u64;
         out.customers += n;
@@ -352,9 +366,20 @@ pub struct RunOptions {
     pub policy: crate::policy::PolicyConfig,
     pub guard: crate::policy::GuardConfig,
     pub escalation: crate::config::EscalationConfig,
-    /// Set to the run's id the moment its plan is committed (the daemon
-    /// must not queue a committed firing again when a shutdown stops it).
-    pub committed: Option<Arc<std::sync::atomic::AtomicI64>>,
+    /// The schedule firing this run is for; the commit marks it done.
+    pub firing: Option<crate::store::Firing>,
+    /// Cancelled by a shutdown: evaluation stops at once (before the
+    /// commit, nothing of the run is stored).
+    pub cancel: Option<CancellationToken>,
+}
+
+/// Why a run did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the run was stopped before its plan was committed")]
+    Cancelled,
 }
 
 /// Evaluates, plans and (unless dry) commits and delivers.
@@ -365,7 +390,7 @@ pub async fn run(
     default_owner: &Email,
     opts: &RunOptions,
     progress: Option<&indicatif::ProgressBar>,
-) -> Result<RunSummary, StoreError> {
+) -> Result<RunSummary, RunError> {
     let started_at = Utc::now();
     let only: Option<Arc<HashSet<String>>> = opts
         .only_rules
@@ -378,6 +403,7 @@ pub async fn run(
         opts.now,
         default_owner,
         progress,
+        opts.cancel.as_ref(),
     )
     .await?;
     let mut summary = RunSummary {
@@ -471,11 +497,11 @@ async fn plan_and_commit(
     eval: Evaluation,
     summary: &mut RunSummary,
     started_at: DateTime<Utc>,
-) -> Result<Option<Committed>, StoreError> {
+) -> Result<Option<Committed>, RunError> {
     let lock = if opts.dry_run {
         None
     } else {
-        Some(PlannerLock::acquire(store).await?)
+        Some(PlannerLock::acquire(store, opts.cancel.as_ref()).await?)
     };
     let mut result = apply_policies_and_commit(
         &**store,
@@ -510,7 +536,7 @@ async fn plan_and_commit(
         // lock by itself.
         tracing::warn!("Could not release the planner lock: {e}; it frees when its lease ends.");
     }
-    result
+    Ok(result?)
 }
 
 async fn apply_policies_and_commit(
@@ -611,6 +637,7 @@ async fn apply_policies_and_commit(
         summary: serde_json::to_value(&summary).unwrap_or(Value::Null),
         hold,
         decisions,
+        firing: opts.firing.clone(),
         ..Default::default()
     };
     for o in eval.outgoing {
@@ -620,9 +647,6 @@ async fn apply_policies_and_commit(
         }
     }
     let outcome = store.commit_plan(commit).await?;
-    if let Some(slot) = &opts.committed {
-        slot.store(outcome.run_id, std::sync::atomic::Ordering::SeqCst);
-    }
     Ok(Some(Committed {
         outcome,
         escalated,
@@ -647,7 +671,9 @@ fn take_copies(outgoing: &mut Vec<Outgoing>) -> Vec<Outgoing> {
 
 /// The planner lock, held from the policies to the commit of one run. Its
 /// lease is short and renewed while held, so a planner that dies (Ctrl-C on
-/// `engaged run`, a crash) blocks the others for at most one lease.
+/// `engaged run`, a crash) blocks the others for at most one lease, and not
+/// at all when it died on this machine (its holder token names a process
+/// that is gone: see `liveness`).
 struct PlannerLock {
     store: Arc<dyn Store>,
     holder: String,
@@ -655,11 +681,15 @@ struct PlannerLock {
 }
 
 impl PlannerLock {
-    const LEASE: chrono::Duration = chrono::Duration::seconds(60);
-    const RENEW_EVERY: Duration = Duration::from_secs(15);
+    const LEASE: chrono::Duration = chrono::Duration::seconds(15);
+    const RENEW_EVERY: Duration = Duration::from_secs(3);
 
-    async fn acquire(store: &Arc<dyn Store>) -> Result<Self, StoreError> {
-        let holder = crate::unsubscribe::random_secret();
+    /// Waits for the lock; a cancelled wait (a shutdown) ends the run.
+    async fn acquire(
+        store: &Arc<dyn Store>,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Self, RunError> {
+        let holder = crate::liveness::holder_token();
         let mut pause = Duration::from_millis(20);
         let mut told = false;
         loop {
@@ -670,11 +700,21 @@ impl PlannerLock {
             {
                 break;
             }
+            // A holder that died on this machine is released at once.
+            if crate::liveness::reap_dead_holders(&**store, now).await? > 0 {
+                continue;
+            }
             if !told {
                 tracing::info!("Another run is applying its policies; waiting for it to commit.");
                 told = true;
             }
-            tokio::time::sleep(pause).await;
+            match cancel {
+                Some(c) => tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = c.cancelled() => return Err(RunError::Cancelled),
+                },
+                None => tokio::time::sleep(pause).await,
+            }
             pause = (pause * 2).min(Duration::from_millis(500));
         }
         let renewal = {

@@ -23,6 +23,9 @@ const MAX_RECORDED_MISSES: usize = 100;
 pub struct Schedule {
     pub name: String,
     cron: Cron,
+    /// The cron's resolution: a second with 6 fields, a minute with 5.
+    /// Fire times are whole multiples of it, whatever the clock's fraction.
+    step: Duration,
     pub tz: Tz,
     pub rules: Option<Vec<String>>,
     pub missed: MissedPolicy,
@@ -55,6 +58,11 @@ impl Schedule {
         Ok(Self {
             name: c.name.clone(),
             cron,
+            step: if fields == 6 {
+                Duration::seconds(1)
+            } else {
+                Duration::minutes(1)
+            },
             tz,
             rules: c.rules.clone(),
             missed: c.missed,
@@ -62,20 +70,28 @@ impl Schedule {
         })
     }
 
+    /// `t` rounded down to the cron's resolution. croner keeps the
+    /// fraction of the time it is asked about, so without this each tick of
+    /// one second would see a "new" fire time.
+    fn floor(&self, t: DateTime<Utc>) -> DateTime<Utc> {
+        let step = self.step.num_milliseconds();
+        DateTime::from_timestamp_millis(t.timestamp_millis().div_euclid(step) * step).unwrap_or(t)
+    }
+
     /// The first fire time strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.cron
-            .find_next_occurrence(&t.with_timezone(&self.tz), false)
+            .find_next_occurrence(&self.floor(t).with_timezone(&self.tz), false)
             .ok()
-            .map(|d| d.with_timezone(&Utc))
+            .map(|d| self.floor(d.with_timezone(&Utc)))
     }
 
     /// The latest fire time at or before `t`.
     pub fn latest_at_or_before(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.cron
-            .find_previous_occurrence(&t.with_timezone(&self.tz), true)
+            .find_previous_occurrence(&self.floor(t).with_timezone(&self.tz), true)
             .ok()
-            .map(|d| d.with_timezone(&Utc))
+            .map(|d| self.floor(d.with_timezone(&Utc)))
     }
 }
 
@@ -95,7 +111,8 @@ pub struct Entry {
 /// - Firings missed while the daemon was down: the latest runs once if the
 ///   policy is `catch_up` and it is within the grace window; every other one
 ///   is recorded as skipped, so the ledger tells what happened.
-/// - A schedule seen for the first time does not run for times before it existed.
+/// - A schedule seen for the first time does not run for times before it
+///   existed, however recent: its latest fire time is recorded as skipped.
 pub fn decide(s: &Schedule, last: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Vec<Entry> {
     let Some(latest) = s.latest_at_or_before(now) else {
         return Vec::new();
@@ -115,11 +132,13 @@ pub fn decide(s: &Schedule, last: Option<DateTime<Utc>>, now: DateTime<Utc>) -> 
             entries.push(Entry {
                 fire_at: next,
                 status: "skipped",
-                note: Some("missed while the daemon was down".into()),
+                note: Some("missed while the daemon was down or stalled".into()),
             });
             t = next;
         }
-    } else if !on_time {
+    } else {
+        // First sight: the latest fire time is before the schedule existed
+        // (even a second before); it is recorded as the baseline, not run.
         return vec![Entry {
             fire_at: latest,
             status: "skipped",
@@ -265,8 +284,23 @@ mod tests {
     fn ticks_decide_on_time_runs_catch_up_and_skip() {
         let s = schedule("0 2 * * *", "UTC", MissedPolicy::CatchUp);
         let two = utc("2026-05-10T02:00:00Z");
-        // On time (noticed 1 s late), first ever.
+        // First ever sight, a second after 02:00: that firing predates the
+        // schedule; it is the baseline, not a run.
         let e = decide(&s, None, two + Duration::seconds(1));
+        assert_eq!(
+            e,
+            vec![Entry {
+                fire_at: two,
+                status: "skipped",
+                note: Some("before the schedule was first seen".into())
+            }]
+        );
+        // Seen since yesterday: on time (noticed 1 s late), it runs.
+        let e = decide(
+            &s,
+            Some(two - Duration::days(1)),
+            two + Duration::seconds(1),
+        );
         assert_eq!(
             e,
             vec![Entry {
@@ -304,5 +338,70 @@ mod tests {
         let e = decide(&skip, Some(two), utc("2026-05-11T03:00:00Z"));
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].status, "skipped");
+    }
+
+    /// Ticks once a second at a fraction past the second, as the daemon's
+    /// heartbeat does, recording what `decide` says like the ledger would.
+    fn tick_through(s: &Schedule, from: &str, seconds: i64) -> Vec<Entry> {
+        let start = utc(from);
+        let mut last = Some(start - Duration::days(400));
+        let mut ledger = Vec::new();
+        for i in 0..seconds {
+            let now = start + Duration::seconds(i) + Duration::milliseconds(137 + 61 * (i % 13));
+            for e in decide(s, last, now) {
+                last = Some(last.map_or(e.fire_at, |l| l.max(e.fire_at)));
+                ledger.push(e);
+            }
+        }
+        ledger
+    }
+
+    #[test]
+    fn each_fire_time_is_recorded_once_whatever_fraction_of_a_second_the_ticks_come_at() {
+        let daily = schedule("20 06 * * *", "UTC", MissedPolicy::CatchUp);
+        let e = tick_through(&daily, "2026-05-10T06:19:30Z", 120);
+        // The baseline of the first tick (yesterday's 06:20, missed long
+        // ago) and today's 06:20 once, on time.
+        let runs: Vec<_> = e.iter().filter(|e| e.status == "pending").collect();
+        assert_eq!(runs.len(), 1, "{e:?}");
+        assert_eq!(runs[0].fire_at, utc("2026-05-10T06:20:00Z"));
+        assert_eq!(runs[0].note, None);
+
+        let every5 = schedule("*/5 * * * * *", "UTC", MissedPolicy::CatchUp);
+        let e = tick_through(&every5, "2026-05-10T06:19:30Z", 60);
+        let runs: Vec<_> = e.iter().filter(|e| e.status == "pending").collect();
+        assert_eq!(runs.len(), 12, "one run per fire time: {e:?}");
+        assert!(
+            runs.iter()
+                .all(|r| r.fire_at.timestamp_subsec_nanos() == 0 && r.fire_at.timestamp() % 5 == 0)
+        );
+        let skipped: Vec<_> = e
+            .iter()
+            .filter(|e| e.status == "skipped" && e.fire_at >= utc("2026-05-10T06:19:30Z"))
+            .collect();
+        assert!(skipped.is_empty(), "nothing missed while up: {skipped:?}");
+    }
+
+    #[test]
+    fn a_stall_or_a_clock_step_catches_up_once_and_a_step_back_runs_nothing_twice() {
+        let every5 = schedule("*/5 * * * * *", "UTC", MissedPolicy::CatchUp);
+        let t = utc("2026-05-10T06:00:00.250Z");
+        let last = Some(utc("2026-05-10T06:00:00Z"));
+        // Stopped for 12 s: the two fire times in between are skipped, the
+        // latest runs (within the on-time minute).
+        let e = decide(&every5, last, t + Duration::seconds(12));
+        let statuses: Vec<_> = e.iter().map(|e| e.status).collect();
+        assert_eq!(statuses, ["skipped", "pending"]);
+        assert_eq!(e[1].fire_at, utc("2026-05-10T06:00:10Z"));
+        // The wall clock steps back an hour: nothing is due again.
+        assert!(decide(&every5, Some(e[1].fire_at), t - Duration::hours(1)).is_empty());
+        // And forward a day: one catch-up run, the misses recorded (bounded).
+        let e = decide(
+            &every5,
+            Some(utc("2026-05-10T06:00:10Z")),
+            t + Duration::days(1),
+        );
+        assert_eq!(e.iter().filter(|e| e.status == "pending").count(), 1);
+        assert!(e.len() <= MAX_RECORDED_MISSES + 1);
     }
 }

@@ -180,8 +180,17 @@ pub async fn simulate(
                     at,
                     &default_owner,
                     None,
+                    None,
                 )
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    crate::pipeline::RunError::Store(e) => e,
+                    // Nothing cancels a simulation (it passes no token).
+                    crate::pipeline::RunError::Cancelled => StoreError::Corrupt {
+                        table: "simulation",
+                        message: "cancelled".into(),
+                    },
+                })?;
                 Firing {
                     outgoing: eval.outgoing,
                     customers: eval.customers,

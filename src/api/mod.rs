@@ -36,6 +36,8 @@ pub struct ApiState {
     pub admin_token: Option<Secret>,
     /// Woken when a run was requested (admin) so the run worker looks now.
     pub run_requested: Arc<Notify>,
+    /// The scheduler's pulse, when a scheduler runs (`/readyz` checks it).
+    pub heartbeat: Option<Arc<crate::heartbeat::Heartbeat>>,
 }
 
 /// Every way a request can fail, mapped to a status code in `into_response`.
@@ -126,6 +128,16 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Result<&'static str, ApiEr
         .ping()
         .await
         .map_err(|e| ApiError::Unavailable(format!("database: {e}")))?;
+    if let Some(stalled) = state
+        .heartbeat
+        .as_ref()
+        .and_then(|h| h.readiness(std::time::Instant::now()).err())
+    {
+        return Err(ApiError::Unavailable(format!(
+            "the scheduler has not ticked for {} s",
+            stalled.as_secs()
+        )));
+    }
     Ok("ready\n")
 }
 

@@ -210,6 +210,16 @@ impl Deliverer {
             // Suppressions are read once per claim, milliseconds before the
             // sends; the per-item work below touches no database connection.
             let suppressed = self.suppressions_for(&items).await?;
+            // Claimed items that no attempt has started yet: a shutdown
+            // releases them at once, not when the sends ahead of them end.
+            let unstarted: std::sync::Mutex<std::collections::HashSet<i64>> =
+                std::sync::Mutex::new(items.iter().map(|i| i.id).collect());
+            let start = |id: i64| {
+                unstarted
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id)
+            };
             // Outcomes are recorded as they become known, grouped into one
             // transaction per 20 ms (group commit): a crash loses the record
             // of at most the sends of its last 20 ms, and a fast server is
@@ -224,45 +234,95 @@ impl Deliverer {
                                 customer_email(&item).unwrap_or_default()
                             )
                         });
+                    let start = &start;
                     async move {
+                        if !start(item.id) {
+                            return None; // released by the shutdown
+                        }
                         let result = match reason {
                             Some(reason) => AttemptResult::Suppressed { reason },
                             None => self.attempt(&item, now).await,
                         };
                         let bounced = hard_bounce(&item, &result);
-                        (item.id, result, bounced)
+                        Some((item.id, result, bounced))
                     }
                 })
-                .buffer_unordered(self.policy.concurrency);
+                .buffer_unordered(self.policy.concurrency)
+                .filter_map(std::future::ready);
             let mut finished = std::pin::pin!(tokio_stream::StreamExt::chunks_timeout(
                 finished,
                 256,
                 GROUP_COMMIT
             ));
-            while let Some(chunk) = finished.next().await {
-                let (results, bounces): (Vec<(i64, AttemptResult)>, Vec<Option<String>>) = chunk
-                    .into_iter()
-                    .map(|(id, result, bounced)| ((id, result), bounced))
-                    .unzip();
-                self.store
-                    .record_attempts(&token, &results, Utc::now())
-                    .await?;
-                for (id, result) in &results {
-                    log_result(*id, result);
-                    report.add(result);
-                }
-                // A hard bounce suppresses the address for marketing mail.
-                for (email, (_, result)) in bounces.iter().zip(&results) {
-                    if let (Some(email), AttemptResult::Failed { error }) = (email, result) {
-                        self.store
-                            .suppress(email, &format!("bounced: {error}"), Utc::now())
-                            .await?;
-                        tracing::warn!(email, "Hard bounce; the address is now suppressed.");
+            let done = CancellationToken::new();
+            let record = async {
+                let result = async {
+                    while let Some(chunk) = finished.next().await {
+                        self.record_chunk(&token, chunk, &mut report).await?;
                     }
+                    Ok::<(), StoreError>(())
                 }
-            }
+                .await;
+                done.cancel();
+                result
+            };
+            let release = async {
+                tokio::select! {
+                    _ = self.stopping.cancelled() => {
+                        let ids: Vec<i64> = unstarted
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .drain()
+                            .collect();
+                        if !ids.is_empty() {
+                            let results: Vec<(i64, AttemptResult)> =
+                                ids.into_iter().map(|id| (id, AttemptResult::Released)).collect();
+                            self.store.record_attempts(&token, &results, Utc::now()).await?;
+                            tracing::info!(
+                                actions = results.len(),
+                                "Shutting down: released claimed actions no send had started."
+                            );
+                        }
+                    }
+                    _ = done.cancelled() => {}
+                }
+                Ok::<(), StoreError>(())
+            };
+            let (recorded, released) = tokio::join!(record, release);
+            recorded?;
+            released?;
         }
         Ok(report)
+    }
+
+    /// Records one group of outcomes; a hard bounce suppresses the address.
+    async fn record_chunk(
+        &self,
+        token: &str,
+        chunk: Vec<(i64, AttemptResult, Option<String>)>,
+        report: &mut DeliveryReport,
+    ) -> Result<(), StoreError> {
+        let (results, bounces): (Vec<(i64, AttemptResult)>, Vec<Option<String>>) = chunk
+            .into_iter()
+            .map(|(id, result, bounced)| ((id, result), bounced))
+            .unzip();
+        self.store
+            .record_attempts(token, &results, Utc::now())
+            .await?;
+        for (id, result) in &results {
+            log_result(*id, result);
+            report.add(result);
+        }
+        // A hard bounce suppresses the address for marketing mail.
+        for (email, (_, result)) in bounces.iter().zip(&results) {
+            if let (Some(email), AttemptResult::Failed { error }) = (email, result) {
+                self.store
+                    .suppress(email, &format!("bounced: {error}"), Utc::now())
+                    .await?;
+                tracing::warn!(email, "Hard bounce; the address is now suppressed.");
+            }
+        }
+        Ok(())
     }
 
     /// How many items to claim at once: enough to keep every connection
@@ -300,7 +360,10 @@ impl Deliverer {
         if matches!(item.kind, OutboxKind::Email | OutboxKind::EscalationNotice)
             && let Some(limiter) = &self.limiter
         {
-            limiter.until_ready().await;
+            tokio::select! {
+                _ = limiter.until_ready() => {}
+                _ = self.stopping.cancelled() => return AttemptResult::Released,
+            }
         }
         // A send may take a connect and a transfer, each bounded by the
         // timeout; starting one closer than that to the lease's end could

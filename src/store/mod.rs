@@ -42,6 +42,10 @@ pub enum StoreError {
         table: &'static str,
         message: String,
     },
+    /// A lease this process relied on was taken over (its holder was too
+    /// slow to renew it); what needed it was not done.
+    #[error("the lease on {0} was lost to another process")]
+    LeaseLost(String),
     #[error("unsupported database url {0:?}; use sqlite://PATH or postgres://USER@HOST/DATABASE")]
     UnsupportedUrl(String),
     /// The URL names PostgreSQL but does not parse (`url` is redacted).
@@ -160,6 +164,9 @@ pub struct PlanCommit {
     pub hold: BTreeMap<String, String>,
     /// Decisions to record in the audit trail.
     pub decisions: Vec<Decision>,
+    /// The schedule firing this run is for: marked done with the run, in
+    /// the same transaction, so a crash after the commit never runs it again.
+    pub firing: Option<Firing>,
 }
 
 /// Per-rule counts of what committing a plan did.
@@ -270,6 +277,19 @@ pub struct SuppressionRecord {
 pub struct Firing {
     pub schedule: String,
     pub fire_at: DateTime<Utc>,
+    /// The claim's holder token (see `liveness`): only its holder renews
+    /// or finishes the firing.
+    pub holder: String,
+}
+
+/// What releasing a dead holder's leases freed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReleasedLeases {
+    /// Running firings queued again (or marked done when their plan was committed).
+    pub firings: u64,
+    pub planner_lock: bool,
+    /// Claimed outbox rows made pending again.
+    pub actions: u64,
 }
 
 /// A schedule firing as recorded.
@@ -531,12 +551,20 @@ pub trait Store: Send + Sync {
         note: Option<&str>,
         now: DateTime<Utc>,
     ) -> StoreResult<bool>;
-    /// Claims the oldest pending firing of a schedule that is not running.
+    /// Claims the oldest pending firing of a schedule that is not running,
+    /// for `holder` until `lease_until` (a running firing whose lease ended
+    /// counts as pending).
     async fn claim_firing(
         &self,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
+        holder: &str,
     ) -> StoreResult<Option<Firing>>;
+    /// Extends a running firing's lease if its holder still has it.
+    async fn renew_firing(&self, firing: &Firing, until: DateTime<Utc>) -> StoreResult<bool>;
+    /// Records how a running firing ended; only its holder can, and only
+    /// while it is running (a firing a commit marked done stays done).
+    /// False when the firing was not this holder's any more.
     async fn finish_firing(
         &self,
         firing: &Firing,
@@ -544,8 +572,21 @@ pub trait Store: Send + Sync {
         run_id: Option<i64>,
         note: Option<&str>,
         at: DateTime<Utc>,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<bool>;
     async fn firings(&self, schedule: &str) -> StoreResult<Vec<FiringRecord>>;
+
+    // --- leases ---
+    /// Every holder token of a lease now held: running firings, the planner
+    /// lock, claimed outbox rows.
+    async fn lease_holders(&self) -> StoreResult<Vec<String>>;
+    /// Releases every lease of the process `process` (the part of holder
+    /// tokens before `/`), which died: its running firings are pending again,
+    /// the planner lock is free, its claimed outbox rows are pending again.
+    async fn release_holder(
+        &self,
+        process: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<ReleasedLeases>;
 
     /// Whether the database answers.
     async fn ping(&self) -> StoreResult<()>;

@@ -404,6 +404,26 @@ impl PostgresStore {
         .bind(plan.summary.to_string())
         .fetch_one(&mut *tx)
         .await?;
+        if let Some(f) = &plan.firing {
+            let n = sqlx::query(
+                "UPDATE schedule_firings SET status = 'done', run_id = $1, finished_at = $2, lease_until = NULL
+                 WHERE schedule = $3 AND fire_at = $4 AND status = 'running' AND holder = $5",
+            )
+            .bind(run_id)
+            .bind(now_ms)
+            .bind(&f.schedule)
+            .bind(to_millis(f.fire_at))
+            .bind(&f.holder)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n == 0 {
+                return Err(StoreError::LeaseLost(format!(
+                    "schedule {:?} firing at {}",
+                    f.schedule, f.fire_at
+                )));
+            }
+        }
 
         let mut per_rule: BTreeMap<String, RuleCommitCounts> = BTreeMap::new();
         // A plan may name the same key twice (two rules tagging alike); the
@@ -1177,7 +1197,7 @@ impl Store for PostgresStore {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> StoreResult<Vec<OutboxItem>> {
-        let token = crate::unsubscribe::random_secret();
+        let token = crate::liveness::holder_token();
         // SKIP LOCKED: rows another replica is claiming right now are left
         // to it instead of waited for; a row it claimed and committed no
         // longer matches (PostgreSQL re-checks the condition on the newest
@@ -1549,6 +1569,7 @@ impl Store for PostgresStore {
         &self,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
+        holder: &str,
     ) -> StoreResult<Option<Firing>> {
         let now_ms = to_millis(now);
         let mut tx = self.pool.begin().await?;
@@ -1581,19 +1602,36 @@ impl Store for PostgresStore {
         let schedule: String = row.try_get("schedule")?;
         let fire_at: i64 = row.try_get("fire_at")?;
         sqlx::query(
-            "UPDATE schedule_firings SET status = 'running', lease_until = $1
+            "UPDATE schedule_firings SET status = 'running', lease_until = $1, holder = $4
              WHERE schedule = $2 AND fire_at = $3",
         )
         .bind(to_millis(lease_until))
         .bind(&schedule)
         .bind(fire_at)
+        .bind(holder)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(Some(Firing {
             schedule,
             fire_at: from_millis(fire_at),
+            holder: holder.to_owned(),
         }))
+    }
+
+    async fn renew_firing(&self, firing: &Firing, until: DateTime<Utc>) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE schedule_firings SET lease_until = $1
+             WHERE schedule = $2 AND fire_at = $3 AND status = 'running' AND holder = $4",
+        )
+        .bind(to_millis(until))
+        .bind(&firing.schedule)
+        .bind(to_millis(firing.fire_at))
+        .bind(&firing.holder)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
     }
 
     async fn finish_firing(
@@ -1603,10 +1641,11 @@ impl Store for PostgresStore {
         run_id: Option<i64>,
         note: Option<&str>,
         at: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE schedule_firings SET status = $1, run_id = $2, note = $3, finished_at = $4,
-             lease_until = NULL WHERE schedule = $5 AND fire_at = $6",
+    ) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE schedule_firings SET status = $1, run_id = COALESCE($2, run_id), note = $3,
+                 finished_at = $4, lease_until = NULL, holder = NULL
+             WHERE schedule = $5 AND fire_at = $6 AND status = 'running' AND holder = $7",
         )
         .bind(status)
         .bind(run_id)
@@ -1614,9 +1653,65 @@ impl Store for PostgresStore {
         .bind(to_millis(at))
         .bind(&firing.schedule)
         .bind(to_millis(firing.fire_at))
+        .bind(&firing.holder)
         .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn lease_holders(&self) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT holder FROM schedule_firings WHERE status = 'running' AND holder IS NOT NULL
+             UNION SELECT holder FROM planner_lock WHERE holder IS NOT NULL
+             UNION SELECT claim_token FROM actions WHERE status = 'sending' AND claim_token IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn release_holder(
+        &self,
+        process: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<ReleasedLeases> {
+        let mut tx = self.pool.begin().await?;
+        let prefix = format!("{process}/");
+        let firings = sqlx::query(
+            "UPDATE schedule_firings SET status = 'pending', lease_until = NULL, holder = NULL,
+                 note = 'its process died; queued again'
+             WHERE status = 'running' AND substr(holder, 1, length($1)) = $1",
+        )
+        .bind(&prefix)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let planner_lock = sqlx::query(
+            "UPDATE planner_lock SET holder = NULL, until = 0
+             WHERE id = 1 AND substr(holder, 1, length($1)) = $1",
+        )
+        .bind(&prefix)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        // The attempt stays counted: the dead process may have sent it.
+        let actions = sqlx::query(
+            "UPDATE actions SET status = 'pending', lease_until = NULL, claim_token = NULL,
+                 next_attempt_at = LEAST(next_attempt_at, $2)
+             WHERE status = 'sending' AND substr(claim_token, 1, length($1)) = $1",
+        )
+        .bind(&prefix)
+        .bind(to_millis(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(ReleasedLeases {
+            firings,
+            planner_lock,
+            actions,
+        })
     }
 
     async fn firings(&self, schedule: &str) -> StoreResult<Vec<FiringRecord>> {

@@ -322,6 +322,26 @@ impl Store for SqliteStore {
         .bind(plan.summary.to_string())
         .fetch_one(&mut *tx)
         .await?;
+        if let Some(f) = &plan.firing {
+            let n = sqlx::query(
+                "UPDATE schedule_firings SET status = 'done', run_id = ?, finished_at = ?, lease_until = NULL
+                 WHERE schedule = ? AND fire_at = ? AND status = 'running' AND holder = ?",
+            )
+            .bind(run_id)
+            .bind(now_ms)
+            .bind(&f.schedule)
+            .bind(to_millis(f.fire_at))
+            .bind(&f.holder)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n == 0 {
+                return Err(StoreError::LeaseLost(format!(
+                    "schedule {:?} firing at {}",
+                    f.schedule, f.fire_at
+                )));
+            }
+        }
 
         let mut per_rule: BTreeMap<String, RuleCommitCounts> = BTreeMap::new();
         // A plan may name the same key twice (two rules tagging alike); the
@@ -724,7 +744,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> StoreResult<Vec<OutboxItem>> {
         let now_ms = to_millis(now);
-        let token = crate::unsubscribe::random_secret();
+        let token = crate::liveness::holder_token();
         let mut tx = self.immediate().await?;
         let rows = sqlx::query(
             "UPDATE actions SET status = 'sending', lease_until = ?1, attempts = attempts + 1, claim_token = ?4
@@ -1140,6 +1160,7 @@ impl Store for SqliteStore {
         &self,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
+        holder: &str,
     ) -> StoreResult<Option<Firing>> {
         let now_ms = to_millis(now);
         let mut tx = self.immediate().await?;
@@ -1164,9 +1185,11 @@ impl Store for SqliteStore {
         let schedule: String = row.try_get("schedule")?;
         let fire_at: i64 = row.try_get("fire_at")?;
         sqlx::query(
-            "UPDATE schedule_firings SET status = 'running', lease_until = ? WHERE schedule = ? AND fire_at = ?",
+            "UPDATE schedule_firings SET status = 'running', lease_until = ?, holder = ?
+             WHERE schedule = ? AND fire_at = ?",
         )
         .bind(to_millis(lease_until))
+        .bind(holder)
         .bind(&schedule)
         .bind(fire_at)
         .execute(&mut *tx)
@@ -1175,7 +1198,23 @@ impl Store for SqliteStore {
         Ok(Some(Firing {
             schedule,
             fire_at: from_millis(fire_at),
+            holder: holder.to_owned(),
         }))
+    }
+
+    async fn renew_firing(&self, firing: &Firing, until: DateTime<Utc>) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE schedule_firings SET lease_until = ?
+             WHERE schedule = ? AND fire_at = ? AND status = 'running' AND holder = ?",
+        )
+        .bind(to_millis(until))
+        .bind(&firing.schedule)
+        .bind(to_millis(firing.fire_at))
+        .bind(&firing.holder)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
     }
 
     async fn finish_firing(
@@ -1185,10 +1224,11 @@ impl Store for SqliteStore {
         run_id: Option<i64>,
         note: Option<&str>,
         at: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE schedule_firings SET status = ?, run_id = ?, note = ?, finished_at = ?, lease_until = NULL
-             WHERE schedule = ? AND fire_at = ?",
+    ) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE schedule_firings SET status = ?, run_id = COALESCE(?, run_id), note = ?,
+                 finished_at = ?, lease_until = NULL, holder = NULL
+             WHERE schedule = ? AND fire_at = ? AND status = 'running' AND holder = ?",
         )
         .bind(status)
         .bind(run_id)
@@ -1196,9 +1236,65 @@ impl Store for SqliteStore {
         .bind(to_millis(at))
         .bind(&firing.schedule)
         .bind(to_millis(firing.fire_at))
+        .bind(&firing.holder)
         .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn lease_holders(&self) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT holder FROM schedule_firings WHERE status = 'running' AND holder IS NOT NULL
+             UNION SELECT holder FROM planner_lock WHERE holder IS NOT NULL
+             UNION SELECT claim_token FROM actions WHERE status = 'sending' AND claim_token IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn release_holder(
+        &self,
+        process: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<ReleasedLeases> {
+        let mut tx = self.immediate().await?;
+        let prefix = format!("{process}/");
+        let firings = sqlx::query(
+            "UPDATE schedule_firings SET status = 'pending', lease_until = NULL, holder = NULL,
+                 note = 'its process died; queued again'
+             WHERE status = 'running' AND substr(holder, 1, length(?1)) = ?1",
+        )
+        .bind(&prefix)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let planner_lock = sqlx::query(
+            "UPDATE planner_lock SET holder = NULL, until = 0
+             WHERE id = 1 AND substr(holder, 1, length(?1)) = ?1",
+        )
+        .bind(&prefix)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        // The attempt stays counted: the dead process may have sent it.
+        let actions = sqlx::query(
+            "UPDATE actions SET status = 'pending', lease_until = NULL, claim_token = NULL,
+                 next_attempt_at = MIN(next_attempt_at, ?2)
+             WHERE status = 'sending' AND substr(claim_token, 1, length(?1)) = ?1",
+        )
+        .bind(&prefix)
+        .bind(to_millis(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(ReleasedLeases {
+            firings,
+            planner_lock,
+            actions,
+        })
     }
 
     async fn firings(&self, schedule: &str) -> StoreResult<Vec<FiringRecord>> {

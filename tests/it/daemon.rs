@@ -237,9 +237,11 @@ async fn segment_sdk_payloads_are_ingested_and_the_nightly_schedule_mails_them()
 async fn missed_firings_catch_up_once_and_a_schedule_never_runs_twice_at_once() {
     let app = TestApp::new().await;
     app.write_config(NIGHTLY);
-    let clock = Arc::new(ManualClock::new(at("2026-06-15T00:00:05Z")));
+    let clock = Arc::new(ManualClock::new(at("2026-06-14T23:59:59Z")));
     let daemon = Daemon::new(app.config(), clock.clone()).await.unwrap();
     let store = daemon.store();
+    assert_eq!(daemon.tick().await.unwrap(), 0, "first sight: a baseline");
+    clock.set(at("2026-06-15T00:00:05Z"));
     assert_eq!(daemon.tick().await.unwrap(), 1);
     assert!(daemon.run_next_firing().await.unwrap().is_some());
     assert!(daemon.run_next_firing().await.unwrap().is_none());
@@ -252,11 +254,13 @@ async fn missed_firings_catch_up_once_and_a_schedule_never_runs_twice_at_once() 
         .iter()
         .map(|f| (f.status.as_str(), f.note.as_deref().unwrap_or("")))
         .collect();
-    assert_eq!(statuses.len(), 4, "{statuses:?}");
-    assert_eq!(statuses[1].0, "skipped");
+    assert_eq!(statuses.len(), 5, "{statuses:?}");
+    assert_eq!(statuses[0].0, "skipped", "the baseline");
+    assert_eq!(statuses[1].0, "done");
     assert_eq!(statuses[2].0, "skipped");
-    assert_eq!(statuses[3].0, "pending");
-    assert!(statuses[3].1.starts_with("catch-up"), "{statuses:?}");
+    assert_eq!(statuses[3].0, "skipped");
+    assert_eq!(statuses[4].0, "pending");
+    assert!(statuses[4].1.starts_with("catch-up"), "{statuses:?}");
 
     // While one firing of a schedule runs, another of the same schedule waits.
     let now = clock.now_for_test();
@@ -267,13 +271,13 @@ async fn missed_firings_catch_up_once_and_a_schedule_never_runs_twice_at_once() 
             .unwrap()
     );
     let first = store
-        .claim_firing(now, now + chrono::Duration::minutes(5))
+        .claim_firing(now, now + chrono::Duration::minutes(5), "first")
         .await
         .unwrap()
         .unwrap();
     assert!(
         store
-            .claim_firing(now, now + chrono::Duration::minutes(5))
+            .claim_firing(now, now + chrono::Duration::minutes(5), "second")
             .await
             .unwrap()
             .is_none(),
@@ -285,7 +289,7 @@ async fn missed_firings_catch_up_once_and_a_schedule_never_runs_twice_at_once() 
         .unwrap();
     assert!(
         store
-            .claim_firing(now, now + chrono::Duration::minutes(5))
+            .claim_firing(now, now + chrono::Duration::minutes(5), "second")
             .await
             .unwrap()
             .is_some()

@@ -84,6 +84,7 @@ conformance!(
     the_planner_lock_has_one_holder_until_its_lease_ends,
     suppressions_ignore_case,
     firings_are_recorded_once_and_run_one_at_a_time_per_schedule,
+    the_leases_of_a_dead_process_are_released_all_at_once,
     settings_keep_their_first_value,
     large_batches_span_several_statements,
     concurrent_claimers_never_get_the_same_action,
@@ -1536,24 +1537,23 @@ async fn firings_are_recorded_once_and_run_one_at_a_time_per_schedule(store: Arc
     assert_eq!(store.last_firing("hourly").await.unwrap(), None);
 
     let now = t0() + day;
-    let nightly0 = engaged::store::Firing {
-        schedule: "nightly".into(),
-        fire_at: t0(),
+    let firing = |schedule: &str, fire_at, holder: &str| engaged::store::Firing {
+        schedule: schedule.into(),
+        fire_at,
+        holder: holder.into(),
     };
+    let nightly0 = firing("nightly", t0(), "h1");
     assert_eq!(
-        store.claim_firing(now, now + m(10)).await.unwrap(),
+        store.claim_firing(now, now + m(10), "h1").await.unwrap(),
         Some(nightly0.clone()),
         "the oldest pending firing"
     );
     assert_eq!(
-        store.claim_firing(now, now + m(10)).await.unwrap(),
+        store.claim_firing(now, now + m(10), "h2").await.unwrap(),
         None,
         "the next nightly waits while one runs"
     );
-    let hourly = engaged::store::Firing {
-        schedule: "hourly".into(),
-        fire_at: t0() + Duration::hours(1),
-    };
+    let hourly = firing("hourly", t0() + Duration::hours(1), "h2");
     assert!(
         store
             .record_firing("hourly", hourly.fire_at, "pending", None, now)
@@ -1561,36 +1561,87 @@ async fn firings_are_recorded_once_and_run_one_at_a_time_per_schedule(store: Arc
             .unwrap()
     );
     assert_eq!(
-        store.claim_firing(now, now + m(10)).await.unwrap(),
+        store.claim_firing(now, now + m(10), "h2").await.unwrap(),
         Some(hourly.clone()),
         "another schedule is not held up"
     );
-    store
-        .finish_firing(&hourly, "skipped", None, Some("nothing to do"), now)
-        .await
-        .unwrap();
-    // The claimant dies: its lease ends and the firing is claimed again.
+    assert!(
+        !store
+            .finish_firing(
+                &firing("hourly", hourly.fire_at, "h1"),
+                "done",
+                None,
+                None,
+                now
+            )
+            .await
+            .unwrap(),
+        "only the holder finishes a firing"
+    );
+    assert!(
+        store
+            .finish_firing(&hourly, "skipped", None, Some("nothing to do"), now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .finish_firing(&hourly, "failed", None, None, now)
+            .await
+            .unwrap(),
+        "a finished firing stays finished"
+    );
+    // Renewed, the lease holds past its first end; then the claimant dies:
+    // its lease ends and the firing is claimed again by another holder.
+    assert!(store.renew_firing(&nightly0, now + m(15)).await.unwrap());
     assert_eq!(
-        store.claim_firing(now + m(11), now + m(21)).await.unwrap(),
+        store
+            .claim_firing(now + m(11), now + m(21), "h3")
+            .await
+            .unwrap(),
+        None,
+        "the renewed lease still holds"
+    );
+    let nightly0 = firing("nightly", t0(), "h3");
+    assert_eq!(
+        store
+            .claim_firing(now + m(16), now + m(26), "h3")
+            .await
+            .unwrap(),
         Some(nightly0.clone())
     );
-    let run = store.commit_plan(plan(t0(), vec![])).await.unwrap();
-    store
-        .finish_firing(
-            &nightly0,
-            "done",
-            Some(run.run_id),
-            Some("3 sent"),
-            now + m(12),
-        )
-        .await
-        .unwrap();
+    assert!(
+        !store
+            .renew_firing(&firing("nightly", t0(), "h1"), now + m(40))
+            .await
+            .unwrap(),
+        "the old holder cannot renew a lease it lost"
+    );
+    // Committing the run's plan marks its firing done in the same
+    // transaction; finishing it afterwards changes nothing.
+    let mut commit = plan(t0(), vec![]);
+    commit.firing = Some(nightly0.clone());
+    let run = store.commit_plan(commit).await.unwrap();
+    assert!(
+        !store
+            .finish_firing(&nightly0, "pending", None, Some("3 sent"), now + m(17))
+            .await
+            .unwrap()
+    );
+    // A commit for a firing this holder lost is refused, with nothing stored.
+    let mut stale = plan(t0(), vec![]);
+    stale.firing = Some(firing("nightly", t0(), "h1"));
+    assert!(matches!(
+        store.commit_plan(stale).await,
+        Err(engaged::store::StoreError::LeaseLost(_))
+    ));
+    assert_eq!(store.runs(10).await.unwrap().len(), 1, "no second run");
     assert_eq!(
-        store.claim_firing(now + m(12), now + m(22)).await.unwrap(),
-        Some(engaged::store::Firing {
-            schedule: "nightly".into(),
-            fire_at: t0() + day
-        })
+        store
+            .claim_firing(now + m(17), now + m(27), "h4")
+            .await
+            .unwrap(),
+        Some(firing("nightly", t0() + day, "h4"))
     );
     let record = |fire_at, status: &str, run_id, note: Option<&str>| FiringRecord {
         schedule: "nightly".into(),
@@ -1603,7 +1654,7 @@ async fn firings_are_recorded_once_and_run_one_at_a_time_per_schedule(store: Arc
         store.firings("nightly").await.unwrap(),
         vec![
             record(t0() - day, "skipped", None, Some("missed while down")),
-            record(t0(), "done", Some(run.run_id), Some("3 sent")),
+            record(t0(), "done", Some(run.run_id), None),
             record(t0() + day, "running", None, None),
         ]
     );
@@ -1942,5 +1993,93 @@ async fn concurrent_imports_insert_each_customer_and_event_once(store: Arc<dyn S
             .unwrap()
             .len(),
         N
+    );
+}
+
+async fn the_leases_of_a_dead_process_are_released_all_at_once(store: Arc<dyn Store>) {
+    let m = Duration::minutes;
+    let dead = "boot:ns:41:7";
+    // The dead process ran a firing, held the planner lock and had claimed
+    // an email; a live one holds another firing.
+    for (schedule, fire_at) in [("nightly", t0()), ("hourly", t0())] {
+        store
+            .record_firing(schedule, fire_at, "pending", None, t0())
+            .await
+            .unwrap();
+    }
+    let theirs = store
+        .claim_firing(t0(), t0() + m(10), &format!("{dead}/a"))
+        .await
+        .unwrap()
+        .unwrap();
+    let ours = store
+        .claim_firing(t0(), t0() + m(10), "boot:ns:42:7/b")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .try_lock_planner(&format!("{dead}/c"), t0(), t0() + m(10))
+            .await
+            .unwrap()
+    );
+    store
+        .commit_plan(plan(t0(), vec![email("c1", "welcome", "welcome")]))
+        .await
+        .unwrap();
+    let claimed = store.claim_due(t0(), t0() + m(10), 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let mut holders = store.lease_holders().await.unwrap();
+    holders.sort();
+    assert!(holders.contains(&format!("{dead}/a")), "{holders:?}");
+    assert!(holders.contains(&format!("{dead}/c")), "{holders:?}");
+    assert!(
+        holders.contains(&"boot:ns:42:7/b".to_owned()),
+        "{holders:?}"
+    );
+    assert!(holders.contains(&claimed[0].claim_token), "{holders:?}");
+
+    let released = store.release_holder(dead, t0() + m(1)).await.unwrap();
+    assert_eq!(released.firings, 1);
+    assert!(released.planner_lock);
+    // The claim was taken by this test process, not the dead one.
+    assert_eq!(released.actions, 0);
+    let mine = engaged::liveness::process_of(&claimed[0].claim_token).to_owned();
+    let released = store.release_holder(&mine, t0() + m(1)).await.unwrap();
+    assert_eq!(released.actions, 1);
+    assert_eq!(
+        store
+            .claim_due(t0() + m(1), t0() + m(11), 10)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "the released email is due again at once, not when its lease ends"
+    );
+    // The dead process's firing can be claimed now; the live one's cannot.
+    let again = store
+        .claim_firing(t0() + m(1), t0() + m(11), "boot:ns:43:7/d")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (again.schedule.as_str(), again.fire_at),
+        (theirs.schedule.as_str(), theirs.fire_at)
+    );
+    assert!(store.renew_firing(&ours, t0() + m(12)).await.unwrap());
+    assert!(
+        store
+            .try_lock_planner("boot:ns:43:7/e", t0() + m(1), t0() + m(11))
+            .await
+            .unwrap(),
+        "the planner lock is free"
+    );
+    assert!(
+        store
+            .firings(&theirs.schedule)
+            .await
+            .unwrap()
+            .iter()
+            .all(|f| f.status == "running")
     );
 }
