@@ -183,8 +183,10 @@ impl Daemon {
     }
 
     /// The watchdog's look at the heartbeat: logs stalls and clock steps,
-    /// and ticks itself when the cron heartbeat has not for two seconds.
-    async fn watch(&self) {
+    /// and starts a tick itself when the cron heartbeat has not ticked for
+    /// two seconds (in a task of its own: a tick that hangs must not stop
+    /// the watchdog from reporting it).
+    fn watch(self: &Arc<Self>) {
         let at = std::time::Instant::now();
         for notice in self.heartbeat.beat(at, chrono::Utc::now()) {
             match notice {
@@ -207,7 +209,8 @@ impl Daemon {
             }
         }
         if self.heartbeat.since_ok(at) >= 2 * WATCHDOG_EVERY {
-            self.beat().await;
+            let me = Arc::clone(self);
+            tokio::spawn(async move { me.beat().await });
         }
     }
 
@@ -431,7 +434,7 @@ impl Daemon {
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 while !stop.is_cancelled() {
                     tokio::select! {
-                        _ = every.tick() => me.watch().await,
+                        _ = every.tick() => me.watch(),
                         _ = stop.cancelled() => break,
                     }
                 }

@@ -927,3 +927,44 @@ async fn a_run_interrupted_by_shutdown_is_queued_again_and_runs_at_the_next_star
     }
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_clock_steps_back_and_forth_each_fire_time_still_runs_once() {
+    let app = TestApp::new().await;
+    app.write_config(NIGHTLY);
+    let clock = Arc::new(ManualClock::new(at("2026-06-14T12:00:00Z")));
+    let daemon = Daemon::new(app.config(), clock.clone()).await.unwrap();
+    assert_eq!(daemon.tick().await.unwrap(), 0, "first sight: a baseline");
+    clock.set(at("2026-06-15T00:00:03Z")); // 02:00:03 in Zagreb
+    assert_eq!(daemon.tick().await.unwrap(), 1);
+    while daemon.run_next_firing().await.unwrap().is_some() {}
+    // The clock steps back an hour, then returns: nothing runs twice.
+    clock.set(at("2026-06-14T23:00:03Z"));
+    assert_eq!(daemon.tick().await.unwrap(), 0);
+    clock.set(at("2026-06-15T00:00:04Z"));
+    assert_eq!(daemon.tick().await.unwrap(), 0);
+    // It steps forward two days (a suspended VM): the latest nightly catches
+    // up once, the one in between is recorded as missed.
+    clock.set(at("2026-06-17T03:00:00Z"));
+    assert_eq!(daemon.tick().await.unwrap(), 1);
+    while daemon.run_next_firing().await.unwrap().is_some() {}
+    // And the night after that runs on time as usual.
+    clock.set(at("2026-06-18T00:00:01Z"));
+    assert_eq!(daemon.tick().await.unwrap(), 1);
+    while daemon.run_next_firing().await.unwrap().is_some() {}
+    let firings = daemon.store().firings("nightly").await.unwrap();
+    let seen: Vec<(String, &str)> = firings
+        .iter()
+        .map(|f| (f.fire_at.to_rfc3339(), f.status.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("2026-06-14T00:00:00+00:00".to_owned(), "skipped"),
+            ("2026-06-15T00:00:00+00:00".to_owned(), "done"),
+            ("2026-06-16T00:00:00+00:00".to_owned(), "skipped"),
+            ("2026-06-17T00:00:00+00:00".to_owned(), "done"),
+            ("2026-06-18T00:00:00+00:00".to_owned(), "done"),
+        ]
+    );
+}

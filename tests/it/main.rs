@@ -12,6 +12,7 @@ mod policy;
 mod postgres_e2e;
 mod properties;
 mod rules;
+mod scheduler;
 mod smtp_selftest;
 mod smtp_server;
 mod smtp_tls;
