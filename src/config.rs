@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::diagnostic::Diagnostic;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -333,6 +335,8 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A config that cannot be used. No variant's text holds a secret value:
+/// see [`is_secret`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -340,8 +344,16 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A problem with the settings as a whole (found after parsing).
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    /// A problem at a place in the file: `FILE:LINE:COL: message`, then the
+    /// line as `shown`, with secret values replaced by `***`.
+    #[error("{}", .at.pretty_with_line(.shown))]
+    At { at: Diagnostic, shown: String },
+    /// A problem with an `ENGAGED_*` override.
+    #[error("environment variable {variable}: {message}")]
+    Env { variable: String, message: String },
 }
 
 impl Config {
@@ -368,43 +380,70 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         path: &Path,
     ) -> Result<Self, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            message,
-        };
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            invalid(e.to_string().trim_end().replace('\n', "\n  "))
-        })?;
+        use std::borrow::Cow;
+        use toml::Spanned;
+        use toml::de::{DeTable, DeValue};
+
+        let mut root =
+            DeTable::parse(text).map_err(|e| located(path, text, e.span(), e.message(), false))?;
+        // Values from the environment get spans past the end of the text,
+        // one per variable, so an error about one names the variable.
+        let mut overrides: Vec<(String, String)> = Vec::new();
         for (key, value) in env {
             let Some(rest) = key.strip_prefix("ENGAGED_") else {
                 continue;
             };
             // ENGAGED_HTTP__WRITE_KEY → http.write_key;
             // ENGAGED_WEBHOOKS__CRM__URL → webhooks.crm.url.
-            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-            if path.len() < 2 || path.iter().any(String::is_empty) {
+            let parts: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if parts.len() < 2 || parts.iter().any(String::is_empty) {
                 continue;
             }
-            let mut t = &mut table;
-            for part in &path[..path.len() - 1] {
+            let at = text.len() + 1 + overrides.len();
+            let span = at..at + 1;
+            overrides.push((key.clone(), parts.join(".")));
+            let mut t = root.get_mut();
+            for part in &parts[..parts.len() - 1] {
                 let entry = t
-                    .entry(part.clone())
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                let toml::Value::Table(inner) = entry else {
-                    return Err(invalid(format!(
-                        "environment variable {key} overrides {part:?}, which is not a table"
-                    )));
+                    .entry(Spanned::new(span.clone(), Cow::Owned(part.clone())))
+                    .or_insert_with(|| Spanned::new(span.clone(), DeValue::Table(DeTable::new())));
+                let DeValue::Table(inner) = entry.get_mut() else {
+                    return Err(ConfigError::Env {
+                        variable: key,
+                        message: format!("it overrides {part:?}, which is not a table"),
+                    });
                 };
                 t = inner;
             }
             // Values stay strings (a digits-only secret must stay a secret);
             // numeric settings accept strings.
-            t.insert(path[path.len() - 1].clone(), toml::Value::String(value));
+            t.insert(
+                Spanned::new(span.clone(), Cow::Owned(parts[parts.len() - 1].clone())),
+                Spanned::new(span, DeValue::String(Cow::Owned(value))),
+            );
         }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| invalid(e.to_string().trim_end().to_owned()))?;
-        config.validate().map_err(invalid)?;
+        let config =
+            Config::deserialize(toml::de::Deserializer::from(root)).map_err(|e| {
+                match e.span() {
+                    Some(span) if span.start > text.len() => {
+                        let (variable, key) = &overrides[span.start - text.len() - 1];
+                        let message = if is_secret(key) {
+                            scrub(e.message(), None)
+                        } else {
+                            e.message().to_owned()
+                        };
+                        ConfigError::Env {
+                            variable: variable.clone(),
+                            message: format!("{key}: {message}"),
+                        }
+                    }
+                    span => located(path, text, span, e.message(), true),
+                }
+            })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
         Ok(config)
     }
 
@@ -448,6 +487,259 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Settings whose values are secret. Everything under `[webhooks.*]` is
+/// too: URLs carry tokens and headers carry credentials. A database URL may
+/// hold a password.
+const SECRET_KEYS: [&str; 5] = [
+    "http.write_key",
+    "http.admin_token",
+    "http.signing_secret",
+    "mail.smtp_url",
+    "database.url",
+];
+
+/// Whether the value at a dotted `path` is or may hold a secret: a secret
+/// key, anything under `webhooks`, or a table that holds a secret key
+/// (`http = { admin_token = "…" }`).
+fn is_secret(path: &str) -> bool {
+    path == "webhooks"
+        || path.starts_with("webhooks.")
+        || SECRET_KEYS.iter().any(|k| {
+            *k == path
+                || k.strip_prefix(path)
+                    .is_some_and(|rest| !path.is_empty() && rest.starts_with('.'))
+        })
+}
+
+/// A `key = value` statement (or a `[table]` header, with an empty value)
+/// as the TOML lexer sees it, found even in a file that does not parse, so
+/// that secret values can be masked in the line an error shows.
+#[derive(Debug)]
+struct Statement {
+    /// Dotted, with the table: `http.admin_token`, `webhooks.crm.headers`.
+    path: String,
+    key: std::ops::Range<usize>,
+    /// The value, across lines for multi-line strings, arrays and inline
+    /// tables; for a line without `=`, everything after its first word.
+    value: std::ops::Range<usize>,
+}
+
+fn statements(text: &str) -> Vec<Statement> {
+    use toml_parser::lexer::{Token, TokenKind as K};
+    let tokens = toml_parser::Source::new(text).lex().into_vec();
+    let key_part = |t: &Token| {
+        let raw = text.get(t.span().start()..t.span().end())?;
+        match t.kind() {
+            K::Atom => Some(raw.to_owned()),
+            K::BasicString | K::LiteralString => Some(raw.trim_matches(['"', '\'']).to_owned()),
+            _ => None,
+        }
+    };
+    let ends_line = |t: &Token| matches!(t.kind(), K::Newline | K::Eof);
+    let mut table: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        let t = tokens[i];
+        match t.kind() {
+            K::Whitespace | K::Newline | K::Comment => {
+                i += 1;
+                continue;
+            }
+            K::Eof => break,
+            // `[a.b]` or `[[a]]`
+            K::LeftSquareBracket => {
+                table.clear();
+                let mut end = t.span().end();
+                while i < tokens.len() && !ends_line(&tokens[i]) {
+                    table.extend(key_part(&tokens[i]));
+                    end = tokens[i].span().end();
+                    i += 1;
+                }
+                // Errors about a whole table (a missing key) point here.
+                out.push(Statement {
+                    path: table.join("."),
+                    key: t.span().start()..end,
+                    value: end..end,
+                });
+                continue;
+            }
+            _ => {}
+        }
+        let first = i;
+        let mut path = table.clone();
+        while i < tokens.len() && !ends_line(&tokens[i]) && tokens[i].kind() != K::Equals {
+            path.extend(key_part(&tokens[i]));
+            i += 1;
+        }
+        let key_start = t.span().start();
+        if i < tokens.len() && tokens[i].kind() == K::Equals {
+            let key_end = tokens[i].span().start();
+            i += 1;
+            let mut depth = 0usize;
+            let mut value: Option<std::ops::Range<usize>> = None;
+            while i < tokens.len() {
+                let v = tokens[i];
+                match v.kind() {
+                    K::Eof => break,
+                    K::Newline if depth == 0 => break,
+                    K::LeftSquareBracket | K::LeftCurlyBracket => depth += 1,
+                    K::RightSquareBracket | K::RightCurlyBracket => depth = depth.saturating_sub(1),
+                    _ => {}
+                }
+                if !matches!(v.kind(), K::Whitespace | K::Newline | K::Comment) {
+                    let start = value.map_or(v.span().start(), |r| r.start);
+                    value = Some(start..v.span().end());
+                }
+                i += 1;
+            }
+            out.push(Statement {
+                path: path.join("."),
+                key: key_start..key_end,
+                value: value.unwrap_or(key_end..key_end),
+            });
+        } else {
+            let key_end = t.span().end();
+            let rest = &tokens[first + 1..i];
+            let value_start = rest
+                .iter()
+                .find(|t| t.kind() != K::Whitespace)
+                .map_or(key_end, |t| t.span().start());
+            let line_end = rest.last().map_or(key_end, |t| t.span().end());
+            path.truncate(table.len() + 1);
+            out.push(Statement {
+                path: path.join("."),
+                key: key_start..key_end,
+                value: value_start..line_end,
+            });
+        }
+    }
+    out
+}
+
+/// An error at `span` of the file, as `FILE:LINE:COL: key: message` and
+/// the line, with every secret value in it shown as `***`; an unknown
+/// key's value is masked too (it may be a misspelled secret). toml prints
+/// the raw source line (`N | line` under `TOML parse error at line N,
+/// column C`), so its `Display` is never used. Syntax errors' messages are
+/// the parser's fixed descriptions; messages `about_values` (serde's, from
+/// deserializing) quote the value, and for a secret that part is cut.
+fn located(
+    path: &Path,
+    text: &str,
+    span: Option<std::ops::Range<usize>>,
+    message: &str,
+    about_values: bool,
+) -> ConfigError {
+    let Some(span) = span else {
+        // No place: cannot tell whose value the message quotes.
+        return ConfigError::Invalid {
+            path: path.to_owned(),
+            message: scrub(message, None),
+        };
+    };
+    let mut at = span.start.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let statements = statements(text);
+    let statement = statements
+        .iter()
+        .rfind(|s| s.key.start <= at && at <= s.value.end.max(s.key.end));
+    let about_key = ["unknown field", "missing field", "duplicate"]
+        .iter()
+        .any(|p| message.starts_with(p));
+    let mut hidden: Vec<std::ops::Range<usize>> = statements
+        .iter()
+        .filter(|s| is_secret(&s.path))
+        .map(|s| s.value.clone())
+        .collect();
+    let mut message = message.to_owned();
+    if let Some(s) = statement {
+        if message.starts_with("unknown field") {
+            hidden.push(s.value.clone());
+        }
+        if about_values && is_secret(&s.path) && !about_key {
+            message = scrub(&message, text.get(s.value.clone()));
+        }
+        message = format!("{}: {message}", s.path);
+    }
+    let (line, shown, col) = masked_line(text, at, &hidden);
+    ConfigError::At {
+        at: Diagnostic {
+            path: path.to_owned(),
+            line,
+            col,
+            message,
+        },
+        shown,
+    }
+}
+
+/// The line of `text` that holds byte `at`: its number, the line with the
+/// bytes in `hidden` shown as `***`, and the column of `at` in it.
+fn masked_line(text: &str, at: usize, hidden: &[std::ops::Range<usize>]) -> (usize, String, usize) {
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let number = text[..start].matches('\n').count() + 1;
+    let mut shown = String::new();
+    let mut col = None;
+    let mut chars = 0;
+    let mut mask_col = None;
+    for (i, c) in text[start..end].char_indices() {
+        let i = start + i;
+        if hidden.iter().any(|r| r.contains(&i)) {
+            let here = *mask_col.get_or_insert_with(|| {
+                shown.push_str("***");
+                chars += 3;
+                chars - 2
+            });
+            if i >= at {
+                col.get_or_insert(here);
+            }
+            continue;
+        }
+        mask_col = None;
+        if i >= at {
+            col.get_or_insert(chars + 1);
+        }
+        shown.push(c);
+        chars += 1;
+    }
+    let shown = shown.trim_end_matches('\r').to_owned();
+    (number, shown, col.unwrap_or(chars + 1))
+}
+
+/// A serde message about a secret's value without the value: quoted or
+/// back-ticked parts (`invalid type: integer `123`, expected a string`)
+/// are cut, and so is any other appearance of the value's text.
+fn scrub(message: &str, value: Option<&str>) -> String {
+    let mut out = String::new();
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        if c != '`' && c != '"' {
+            out.push(c);
+            continue;
+        }
+        // Cut up to the closing quote (to the end if there is none); serde
+        // writes strings with Debug escapes, so `\"` does not close one.
+        out.truncate(out.trim_end().len());
+        while let Some(d) = chars.next() {
+            if d == '\\' && c == '"' {
+                chars.next();
+            } else if d == c {
+                break;
+            }
+        }
+    }
+    if let Some(value) = value.map(|v| v.trim().trim_matches(['"', '\'']))
+        && value.len() >= 4
+    {
+        out = out.replace(value, "***");
+    }
+    out
 }
 
 /// Numbers in the config may also be strings (as environment overrides
@@ -559,6 +851,105 @@ mod tests {
             !format!("{c:?}").contains("from-env"),
             "secrets are redacted"
         );
+    }
+
+    /// The error for `text`, checked to hold no `secret`.
+    fn error_without(text: &str, env: &[(&str, &str)], secret: &str) -> String {
+        let err = parse(text, env).unwrap_err().to_string();
+        assert!(!err.contains(secret), "{secret:?} is shown in:\n{err}");
+        err
+    }
+
+    #[test]
+    fn a_syntax_error_on_a_secret_line_shows_the_line_with_the_value_masked() {
+        let err = error_without("[http]\nadmin_token = \"tok-123\n", &[], "tok-123");
+        assert!(err.starts_with("engaged.toml:2:"), "{err}");
+        assert!(
+            err.contains("http.admin_token: invalid basic string"),
+            "{err}"
+        );
+        assert!(err.contains(" 2 | admin_token = ***"), "{err}");
+        let err = error_without("[http]\nwrite_key \"key-123\"\n", &[], "key-123");
+        assert!(err.contains(" 2 | write_key ***"), "{err}");
+    }
+
+    #[test]
+    fn a_type_error_on_a_secret_does_not_quote_the_value() {
+        let err = error_without("[http]\nsigning_secret = 98765\n", &[], "98765");
+        assert!(
+            err.contains(
+                "engaged.toml:2:18: http.signing_secret: invalid type: integer, expected a string"
+            ),
+            "{err}"
+        );
+        // A non-secret's value stays in the message.
+        let err = parse("[[schedules]]\nname = \"n\"\ncron = 5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("schedules.cron: invalid type: integer `5`"),
+            "{err}"
+        );
+        assert!(err.contains(" 3 | cron = 5"), "{err}");
+    }
+
+    #[test]
+    fn every_value_under_webhooks_is_masked() {
+        let text = "[webhooks.crm]\nurl = \"https://h/tok-1\"\nheaders = { Authorization = \"Bearer tok-2\" \n";
+        let err = error_without(text, &[], "tok-2");
+        assert!(
+            err.contains("webhooks.crm.headers: unclosed inline table"),
+            "{err}"
+        );
+        let text = "[webhooks.crm]\nurl = 7\n";
+        let err = error_without(text, &[], "7\n");
+        assert!(err.contains(" 2 | url = ***"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_keys_value_is_masked_as_it_may_be_a_misspelled_secret() {
+        let err = error_without("[http]\nadmin_tokn = \"tok-123\"\n", &[], "tok-123");
+        assert!(err.contains("unknown field `admin_tokn`"), "{err}");
+        assert!(err.contains(" 2 | admin_tokn = ***"), "{err}");
+    }
+
+    #[test]
+    fn only_secret_values_are_masked_in_a_line_with_several() {
+        let text = "http = { listen = \"x\", admin_token = 5 }\n";
+        let err = error_without(text, &[], "= 5");
+        assert!(err.contains(" 1 | http = ***"), "{err}");
+        let (line, shown, col) =
+            masked_line("a = 1, b = 22\n", 11, std::slice::from_ref(&(11..13)));
+        assert_eq!((line, shown.as_str(), col), (1, "a = 1, b = ***", 12));
+    }
+
+    #[test]
+    fn an_override_error_names_the_environment_variable() {
+        let err = error_without("", &[("ENGAGED_DELIVERY__CONCURENCY", "3")], "engaged.toml");
+        assert!(
+            err.starts_with("environment variable ENGAGED_DELIVERY__CONCURENCY: delivery.concurency: unknown field"),
+            "{err}"
+        );
+        let err = error_without("", &[("ENGAGED_WEBHOOKS__CRM", "tok-123")], "tok-123");
+        assert!(err.contains("ENGAGED_WEBHOOKS__CRM"), "{err}");
+    }
+
+    #[test]
+    fn scrubbing_cuts_quoted_parts_and_the_value() {
+        assert_eq!(
+            scrub("invalid type: integer `123`, expected a string", None),
+            "invalid type: integer, expected a string"
+        );
+        assert_eq!(
+            scrub("invalid type: string \"abcd\", expected u32", None),
+            "invalid type: string, expected u32"
+        );
+        assert_eq!(
+            scrub(r#"invalid type: string "a\"b`c", expected struct X"#, None),
+            "invalid type: string, expected struct X"
+        );
+        assert_eq!(scrub("cut `to the end", None), "cut");
+        assert_eq!(scrub("bad abcdef here", Some("\"abcdef\"")), "bad *** here");
     }
 
     #[test]

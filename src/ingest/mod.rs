@@ -4,8 +4,14 @@
 //! hands them through a bounded channel to the store, one transaction per
 //! batch, so a million events never sit in memory at once. A bad row is
 //! reported with its line number and the good rows around it are kept.
+//!
+//! `text` checks the encoding and splits physical lines (LF, CRLF, CR);
+//! `records` reads CSV records from them and decides what quotes that span
+//! lines mean; [`segment`] parses Segment messages.
 
+mod records;
 pub mod segment;
+mod text;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -18,7 +24,9 @@ use tokio::sync::mpsc;
 
 use crate::domain::{CustomerId, CustomerPatch, Event};
 use crate::store::{Store, StoreError, Upsert};
+use records::Records;
 use segment::{Message, patch_from_traits};
+use text::Lines;
 
 /// Rows per store transaction.
 const BATCH: usize = 5_000;
@@ -131,7 +139,7 @@ pub async fn import_customers(
     store: Arc<dyn Store>,
     path: &Path,
 ) -> Result<ImportReport, IngestError> {
-    let (mut reader, headers) = open_csv(path)?;
+    let (mut records, headers) = open_csv(path)?;
     for required in ["id", "email"] {
         if !headers.iter().any(|h| h == required) {
             return Err(IngestError::BadFile {
@@ -148,7 +156,7 @@ pub async fn import_customers(
     let reader_task = tokio::task::spawn_blocking(move || {
         let mut batch = Batch::default();
         let mut record = csv::ByteRecord::new();
-        while let Some((line, result)) = next_record(&mut reader, &mut record) {
+        while let Some((line, result)) = next_record(&mut records, &mut record) {
             match result {
                 Ok(()) => match customer_row(&headers, &record) {
                     Ok((patch, warnings)) => {
@@ -181,29 +189,56 @@ pub async fn import_customers(
     Ok(report)
 }
 
-type CsvReader = csv::Reader<Recent<BufReader<std::fs::File>>>;
+type CsvRecords = Records<BufReader<std::fs::File>>;
 
-/// Opens a CSV file and reads its header row (names trimmed, lower-cased).
-fn open_csv(path: &Path) -> Result<(CsvReader, Vec<String>), IngestError> {
+/// Opens a file for reading as text: refuses UTF-16/32 and other
+/// non-text files with one error saying what they are, and skips a UTF-8
+/// byte-order mark.
+fn open_text(path: &Path, capacity: usize) -> Result<BufReader<std::fs::File>, IngestError> {
     let file = std::fs::File::open(path).map_err(|source| IngestError::Read {
         path: path.to_owned(),
         source,
     })?;
-    // Fields are trimmed by whoever reads them (not by the csv reader, which
-    // would also trim the line breaks `record_line` counts).
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(false)
-        .from_reader(Recent::new(BufReader::new(file)));
-    let headers: Vec<String> = reader
-        .byte_headers()
-        .map_err(|e| IngestError::BadFile {
-            path: path.to_owned(),
-            message: format!("cannot read the header row: {e}"),
-        })?
-        .iter()
-        .map(|h| String::from_utf8_lossy(h).trim().to_ascii_lowercase())
-        .collect();
-    Ok((reader, headers))
+    let mut reader = BufReader::with_capacity(capacity, file);
+    let head = reader.fill_buf().map_err(|source| IngestError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let bom = text::check_encoding(head).map_err(|e| IngestError::BadFile {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    reader.consume(bom);
+    Ok(reader)
+}
+
+/// Opens a CSV file and reads its header row (names trimmed, lower-cased).
+fn open_csv(path: &Path) -> Result<(CsvRecords, Vec<String>), IngestError> {
+    let reader = open_text(path, 64 * 1024)?;
+    let mut records = Records::new(Lines::new(reader, records::MAX_RECORD_BYTES));
+    let bad = |message: String| IngestError::BadFile {
+        path: path.to_owned(),
+        message,
+    };
+    let headers = match records.next_record() {
+        None => Vec::new(),
+        Some((line, Err(e))) => {
+            return Err(bad(format!("cannot read the header row (line {line}): {e}")));
+        }
+        Some((line, Ok(header))) => header
+            .iter()
+            .map(|h| match std::str::from_utf8(h) {
+                Ok(h) => Ok(h.trim().to_ascii_lowercase()),
+                Err(_) => Err(bad(format!(
+                    "the header row (line {line}) is not valid UTF-8, so the file is in another \
+                     encoding; convert it first, e.g. `iconv -f WINDOWS-1252 -t UTF-8 FILE > FILE.utf8` \
+                     (or save it from the spreadsheet as \"CSV UTF-8\")"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    records.set_columns(headers.clone());
+    Ok((records, headers))
 }
 
 /// `engaged suppressions import FILE.csv`: an `email` column and an
@@ -214,7 +249,7 @@ pub async fn import_suppressions(
     path: &Path,
     now: chrono::DateTime<Utc>,
 ) -> Result<ImportReport, IngestError> {
-    let (mut reader, headers) = open_csv(path)?;
+    let (mut records, headers) = open_csv(path)?;
     let col = |name: &str| headers.iter().position(|h| h == name);
     let Some(email_col) = col("email") else {
         return Err(IngestError::BadFile {
@@ -231,7 +266,7 @@ pub async fn import_suppressions(
         ..Default::default()
     };
     let mut record = csv::ByteRecord::new();
-    while let Some((line, result)) = next_record(&mut reader, &mut record) {
+    while let Some((line, result)) = next_record(&mut records, &mut record) {
         if let Err((e, go_on)) = result {
             report.reject(line, e);
             if go_on {
@@ -269,95 +304,24 @@ pub async fn import_suppressions(
 }
 
 /// A bad CSV record: what is wrong, and whether reading can go on after it.
-type RecordError = (String, bool);
+type RecordProblem = (String, bool);
 
 /// Reads the next record and the line it starts on; `None` at the end.
 fn next_record(
-    reader: &mut CsvReader,
+    records: &mut CsvRecords,
     record: &mut csv::ByteRecord,
-) -> Option<(u64, Result<(), RecordError>)> {
-    let result = reader.read_byte_record(record);
-    let line = record_line(reader, record);
-    match result {
-        Ok(false) => None,
-        Ok(true) => Some((line, Ok(()))),
-        Err(e) => {
-            let go_on = matches!(
-                e.kind(),
-                csv::ErrorKind::UnequalLengths { .. } | csv::ErrorKind::Utf8 { .. }
-            );
-            Some((line, Err((csv_error(&e), go_on))))
-        }
-    }
-}
-
-/// The line a CSV record starts on. The csv crate notes a record's position
-/// before it skips the blank lines and the LF of a CRLF in front of it
-/// (BurntSushi/rust-csv#208, #395), so this counts back from where the
-/// record ended: the line of its last byte, less the line breaks inside its
-/// quoted fields.
-fn record_line(reader: &CsvReader, record: &csv::ByteRecord) -> u64 {
-    let end = reader.position();
-    let ended_with_break = end
-        .byte()
-        .checked_sub(1)
-        .and_then(|at| reader.get_ref().byte_at(at))
-        == Some(b'\n');
-    let inside = record.as_slice().iter().filter(|&&b| b == b'\n').count() as u64;
-    end.line()
-        .saturating_sub(u64::from(ended_with_break) + inside)
-        .max(1)
-}
-
-/// A reader that remembers the bytes it read most recently, so the byte
-/// just before the csv reader's position can be looked at.
-struct Recent<R> {
-    inner: R,
-    kept: std::collections::VecDeque<u8>,
-    /// Offset of `kept[0]` in the input.
-    base: u64,
-}
-
-impl<R> Recent<R> {
-    /// Far more than the csv reader's buffer (8 KiB), which is how far its
-    /// position can lag behind what was read.
-    const KEEP: usize = 256 * 1024;
-
-    fn new(inner: R) -> Self {
-        Self {
-            inner,
-            kept: std::collections::VecDeque::new(),
-            base: 0,
-        }
-    }
-
-    fn byte_at(&self, offset: u64) -> Option<u8> {
-        let i = usize::try_from(offset.checked_sub(self.base)?).ok()?;
-        self.kept.get(i).copied()
-    }
-}
-
-impl<R: std::io::Read> std::io::Read for Recent<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.kept.extend(&buf[..n]);
-        if self.kept.len() > Self::KEEP {
-            let excess = self.kept.len() - Self::KEEP;
-            self.kept.drain(..excess);
-            self.base += excess as u64;
-        }
-        Ok(n)
-    }
-}
-
-fn csv_error(e: &csv::Error) -> String {
-    match e.kind() {
-        csv::ErrorKind::UnequalLengths {
-            expected_len, len, ..
-        } => format!("expected {expected_len} fields like the header row, found {len}"),
-        csv::ErrorKind::Utf8 { .. } => "the row is not valid UTF-8".into(),
-        _ => e.to_string(),
-    }
+) -> Option<(u64, Result<(), RecordProblem>)> {
+    let (line, result) = records.next_record()?;
+    Some((
+        line,
+        match result {
+            Ok(r) => {
+                *record = r;
+                Ok(())
+            }
+            Err(e) => Err((e.to_string(), !e.is_fatal())),
+        },
+    ))
 }
 
 /// One CSV row → a customer patch (and warnings).
@@ -427,14 +391,10 @@ pub async fn import_events(
     store: Arc<dyn Store>,
     path: &Path,
 ) -> Result<ImportReport, IngestError> {
-    let file = std::fs::File::open(path).map_err(|source| IngestError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let mut reader = open_text(path, 1 << 20)?;
     let (tx, rx) = mpsc::channel::<Batch>(4);
     let received_at = Utc::now();
     let reader_task = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let mut reader = BufReader::with_capacity(1 << 20, file);
         let mut buf = Vec::with_capacity(4096);
         let mut batch = Batch::default();
         let mut line_no = 0u64;

@@ -6,6 +6,7 @@ mod docs;
 mod fixtures;
 mod helpers;
 mod hostile;
+mod hostile_input;
 mod import;
 mod pipeline;
 mod policy;
