@@ -113,6 +113,18 @@ pub struct Evaluation {
     pub rule_seconds: f64,
 }
 
+impl Evaluation {
+    /// Adds another page's evaluation to this one.
+    pub fn merge(&mut self, other: Evaluation) {
+        self.customers += other.customers;
+        self.evaluations += other.evaluations;
+        self.rule_seconds += other.rule_seconds;
+        self.seconds += other.seconds;
+        self.outgoing.extend(other.outgoing);
+        self.errors.extend(other.errors);
+    }
+}
+
 /// Turns one planned action into what the store keeps. Pure.
 pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) -> Outgoing {
     let customer = facts.customer.clone();
@@ -224,56 +236,100 @@ async fn load_page(
         .collect())
 }
 
-/// Evaluates every rule for every customer as of `now`. Rule errors are
-/// collected, never fatal.
-pub async fn evaluate(
-    store: &dyn Store,
+/// One page of customers (ids `first..=last`), evaluated.
+pub struct EvaluatedPage {
+    pub first: CustomerId,
+    pub last: CustomerId,
+    pub eval: Evaluation,
+}
+
+/// The customer base, evaluated a page at a time: the next page loads while
+/// this one evaluates on the rayon pool, and only one page's facts and plan
+/// are held at once.
+pub struct Pages<'a> {
+    store: &'a dyn Store,
     rules: Arc<RuleSet>,
     only: Option<Arc<HashSet<String>>>,
     now: DateTime<Utc>,
-    default_owner: &Email,
-    progress: Option<&indicatif::ProgressBar>,
-    cancel: Option<&CancellationToken>,
-) -> Result<Evaluation, RunError> {
-    let stopped = || cancel.is_some_and(|c| c.is_cancelled());
-    let selected = rules
-        .rules()
-        .iter()
-        .filter(|r| only.as_ref().is_none_or(|o| o.contains(&r.id)))
-        .count() as u64;
-    let started = Instant::now();
-    let mut out = Evaluation::default();
-    let mut after: Option<CustomerId> = None;
-    let mut page = load_page(store, None, now).await?;
-    while !page.is_empty() {
-        if stopped() {
+    default_owner: Email,
+    progress: Option<&'a indicatif::ProgressBar>,
+    cancel: Option<&'a CancellationToken>,
+    selected: u64,
+    /// The next page, loaded but not evaluated; `None` before the first load.
+    loaded: Option<Vec<Facts>>,
+}
+
+impl<'a> Pages<'a> {
+    pub fn new(
+        store: &'a dyn Store,
+        rules: Arc<RuleSet>,
+        only: Option<Arc<HashSet<String>>>,
+        now: DateTime<Utc>,
+        default_owner: &Email,
+        progress: Option<&'a indicatif::ProgressBar>,
+        cancel: Option<&'a CancellationToken>,
+    ) -> Self {
+        let selected = rules
+            .rules()
+            .iter()
+            .filter(|r| only.as_ref().is_none_or(|o| o.contains(&r.id)))
+            .count() as u64;
+        Self {
+            store,
+            rules,
+            only,
+            now,
+            default_owner: default_owner.clone(),
+            progress,
+            cancel,
+            selected,
+            loaded: None,
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.cancel.is_some_and(|c| c.is_cancelled())
+    }
+
+    /// Evaluates the next page; `None` after the last. Rule errors are
+    /// collected, never fatal; a cancelled run stops at once.
+    pub async fn next(&mut self) -> Result<Option<EvaluatedPage>, RunError> {
+        let mut page = match self.loaded.take() {
+            Some(page) => page,
+            None => load_page(self.store, None, self.now).await?,
+        };
+        if self.stopped() {
             return Err(RunError::Cancelled);
         }
+        let (Some(first), Some(last)) = (
+            page.first().map(|f| f.customer.id.clone()),
+            page.last().map(|f| f.customer.id.clone()),
+        ) else {
+            self.loaded = Some(page);
+            return Ok(None);
+        };
         let loaded = page.len() as u64;
-        after = page.last().map(|f| f.customer.id.clone()).or(after);
-        let rules_for_page = Arc::clone(&rules);
-        let only_for_page = only.clone();
-        let owner = default_owner.clone();
-        let cancel_page = cancel.cloned();
+        let rules = Arc::clone(&self.rules);
+        let only = self.only.clone();
+        let owner = self.default_owner.clone();
+        let cancel = self.cancel.cloned();
+        let now = self.now;
         // Customers who signed up after `now` did not exist yet: a replay of
         // the past must not welcome them.
         page.retain(|f| f.customer.created_at.is_none_or(|c| c <= now));
-        // Evaluate this page on the rayon pool while the next page loads.
         let evaluating = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let results: Vec<(Vec<Outgoing>, Vec<RuleErrorRecord>)> = page
                 .into_par_iter()
                 .map(|facts| {
                     // A shutdown stops the page at once; the run is discarded.
-                    if cancel_page.as_ref().is_some_and(|c| c.is_cancelled()) {
+                    if cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
                         return (Vec::new(), Vec::new());
                     }
                     let facts = Arc::new(facts);
                     let mut outgoing = Vec::new();
                     let mut errors = Vec::new();
-                    for (rule, result) in
-                        rules_for_page.evaluate_selected(&facts, only_for_page.as_deref())
-                    {
+                    for (rule, result) in rules.evaluate_selected(&facts, only.as_deref()) {
                         match result {
                             Ok(actions) => outgoing.extend(
                                 actions.into_iter().map(|a| to_outgoing(a, &facts, &owner)),
@@ -290,26 +346,51 @@ pub async fn evaluate(
                 .collect();
             (results, started.elapsed().as_secs_f64())
         });
-        let next = load_page(store, after.as_ref(), now).await?;
+        let started = Instant::now();
+        self.loaded = Some(load_page(self.store, Some(&last), self.now).await?);
         let (results, rule_seconds) = evaluating.await.map_err(|e| StoreError::Corrupt {
             table: "evaluation",
             message: format!("evaluation task failed: {e}"),
         })?;
-        if stopped() {
+        if self.stopped() {
             return Err(RunError::Cancelled);
         }
-        out.rule_seconds += rule_seconds;
         let n = results.len() as u64;
-        out.customers += n;
-        out.evaluations += n * selected;
+        let mut eval = Evaluation {
+            customers: n,
+            evaluations: n * self.selected,
+            rule_seconds,
+            seconds: started.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
         for (o, e) in results {
-            out.outgoing.extend(o);
-            out.errors.extend(e);
+            eval.outgoing.extend(o);
+            eval.errors.extend(e);
         }
-        if let Some(p) = progress {
+        if let Some(p) = self.progress {
             p.inc(loaded);
         }
-        page = next;
+        Ok(Some(EvaluatedPage { first, last, eval }))
+    }
+}
+
+/// Evaluates every rule for every customer as of `now`, holding the whole
+/// plan in memory (`simulate`; runs go through [`Pages`] instead). Rule
+/// errors are collected, never fatal.
+pub async fn evaluate(
+    store: &dyn Store,
+    rules: Arc<RuleSet>,
+    only: Option<Arc<HashSet<String>>>,
+    now: DateTime<Utc>,
+    default_owner: &Email,
+    progress: Option<&indicatif::ProgressBar>,
+    cancel: Option<&CancellationToken>,
+) -> Result<Evaluation, RunError> {
+    let started = Instant::now();
+    let mut out = Evaluation::default();
+    let mut pages = Pages::new(store, rules, only, now, default_owner, progress, cancel);
+    while let Some(page) = pages.next().await? {
+        out.merge(page.eval);
     }
     out.seconds = started.elapsed().as_secs_f64();
     Ok(out)
@@ -325,32 +406,6 @@ pub fn kind_label(o: &Outgoing) -> (&'static str, String) {
             OutboxKind::EscalationNotice => ("escalation", "escalation notice".into()),
         },
     }
-}
-
-fn tally(
-    rules: &RuleSet,
-    only: Option<&HashSet<String>>,
-    eval: &Evaluation,
-) -> BTreeMap<String, RuleSummary> {
-    let mut per_rule: BTreeMap<String, RuleSummary> = rules
-        .rules()
-        .iter()
-        .filter(|r| only.is_none_or(|o| o.contains(&r.id)))
-        .map(|r| (r.id.clone(), RuleSummary::default()))
-        .collect();
-    for o in &eval.outgoing {
-        let s = per_rule.entry(o.rule().to_owned()).or_default();
-        match kind_label(o).0 {
-            "email" => s.emails += 1,
-            "escalation" => s.escalations += 1,
-            "tag" => s.tags += 1,
-            _ => s.webhooks += 1,
-        }
-    }
-    for e in &eval.errors {
-        per_rule.entry(e.rule.clone()).or_default().errors += 1;
-    }
-    per_rule
 }
 
 /// Options for one run.
@@ -383,6 +438,16 @@ pub enum RunError {
 }
 
 /// Evaluates, plans and (unless dry) commits and delivers.
+///
+/// The customer base goes through in pages (partitions): each is evaluated,
+/// deduplicated against the ledger, passed through the policies and
+/// committed, then let go, so a run's memory does not grow with the base.
+/// What needs the whole run is kept as counters: the blast-radius guard's
+/// customers per rule, owners' escalations today. A partition's new emails
+/// are committed `staged` and only become deliverable when the run's guard
+/// decision is made at its end (or are held by it). A real run holds the
+/// planner lock throughout, so the ledger the policies read is the one its
+/// commits write, even with another run next door.
 pub async fn run(
     store: Arc<dyn Store>,
     rules: Arc<RuleSet>,
@@ -396,44 +461,41 @@ pub async fn run(
         .only_rules
         .as_ref()
         .map(|r| Arc::new(r.iter().cloned().collect()));
-    let eval = evaluate(
-        &*store,
-        Arc::clone(&rules),
-        only.clone(),
-        opts.now,
-        default_owner,
-        progress,
-        opts.cancel.as_ref(),
-    )
-    .await?;
     let mut summary = RunSummary {
         dry_run: opts.dry_run,
         now: opts.now,
-        customers: eval.customers,
-        evaluations: eval.evaluations,
-        evaluation_seconds: eval.seconds,
-        rule_seconds: eval.rule_seconds,
-        rules: tally(&rules, only.as_deref(), &eval),
-        errors: eval
-            .errors
+        rules: rules
+            .rules()
             .iter()
-            .take(MAX_ERRORS_IN_SUMMARY)
-            .cloned()
+            .filter(|r| only.as_ref().is_none_or(|o| o.contains(&r.id)))
+            .map(|r| (r.id.clone(), RuleSummary::default()))
             .collect(),
         ..Default::default()
     };
-
-    let Some(Committed { outcome, .. }) = plan_and_commit(
+    let lock = if opts.dry_run {
+        None
+    } else {
+        Some(PlannerLock::acquire(&store, opts.cancel.as_ref()).await?)
+    };
+    let planned = plan_in_partitions(
         &store,
         &rules,
+        only,
         default_owner,
         opts,
-        eval,
+        progress,
         &mut summary,
         started_at,
     )
-    .await?
-    else {
+    .await;
+    if let Some(lock) = lock
+        && let Err(e) = lock.release().await
+    {
+        // The plan is committed (or failed) either way; the lease frees the
+        // lock by itself.
+        tracing::warn!("Could not release the planner lock: {e}; it frees when its lease ends.");
+    }
+    let Some(outcome) = planned? else {
         return Ok(summary);
     };
     summary.run_id = Some(outcome.run_id);
@@ -447,11 +509,6 @@ pub async fn run(
             "The blast-radius guard held this rule's emails; approve with `engaged runs approve {} --rule {rule}`.",
             outcome.run_id
         );
-    }
-    for (rule, counts) in &outcome.per_rule {
-        let s = summary.rules.entry(rule.clone()).or_default();
-        s.planned = counts.planned;
-        s.deduplicated = counts.deduplicated;
     }
     tracing::info!(
         run = outcome.run_id,
@@ -476,78 +533,146 @@ pub async fn run(
     Ok(summary)
 }
 
-/// What committing a plan did, and what it said about open escalations.
-struct Committed {
-    outcome: crate::store::CommitOutcome,
-    /// (customer, rule) pairs that escalated again in this run.
-    escalated: HashSet<(String, String)>,
-    /// (customer, rule) pairs that could not be evaluated.
-    errored: HashSet<(String, String)>,
+/// What planning a whole run committed.
+struct Planned {
+    run_id: i64,
+    /// Rules whose emails the guard held, with how many.
+    held: BTreeMap<String, usize>,
 }
 
-/// Applies the policies to what the rules asked for and commits the plan;
-/// `None` for a dry run. A real run holds the planner lock meanwhile, so the
-/// ledger the policies read (caps, dedup, open escalations) is the one the
-/// commit writes to, even with another run planning next door.
-async fn plan_and_commit(
+/// What one run keeps across its partitions: counters, never actions.
+struct RunCounters {
+    /// Distinct customers each rule asked to email anew (the guard's count).
+    reach: BTreeMap<String, usize>,
+    /// Escalations each owner got in the last day, this run's included.
+    owners: HashMap<String, u32>,
+}
+
+/// Evaluates and plans a run page by page; `None` for a dry run.
+#[allow(clippy::too_many_arguments)]
+async fn plan_in_partitions(
     store: &Arc<dyn Store>,
-    rules: &RuleSet,
+    rules: &Arc<RuleSet>,
+    only: Option<Arc<HashSet<String>>>,
     default_owner: &Email,
     opts: &RunOptions,
-    eval: Evaluation,
+    progress: Option<&indicatif::ProgressBar>,
     summary: &mut RunSummary,
     started_at: DateTime<Utc>,
-) -> Result<Option<Committed>, RunError> {
-    let lock = if opts.dry_run {
+) -> Result<Option<Planned>, RunError> {
+    let run_id = if opts.dry_run {
         None
     } else {
-        Some(PlannerLock::acquire(store, opts.cancel.as_ref()).await?)
+        // Under the planner lock: a run still planning is one whose planner
+        // died; its staged emails go (never sent), the rest of it stays.
+        let abandoned = store.abandon_unfinished_runs(Utc::now()).await?;
+        if abandoned > 0 {
+            tracing::warn!(
+                runs = abandoned,
+                "A run that stopped mid-plan was abandoned; its staged emails are planned afresh."
+            );
+        }
+        Some(store.begin_run(&opts.trigger, opts.now, started_at).await?)
     };
-    let mut result = apply_policies_and_commit(
+    let mut counters = RunCounters {
+        reach: BTreeMap::new(),
+        owners: if opts.escalation.owner_daily_cap > 0 {
+            store
+                .owner_escalation_counts(opts.now - chrono::Duration::days(1))
+                .await?
+        } else {
+            HashMap::new()
+        },
+    };
+    let started = Instant::now();
+    let mut pages = Pages::new(
         &**store,
-        rules,
+        Arc::clone(rules),
+        only,
+        opts.now,
         default_owner,
-        opts,
-        eval,
-        summary,
-        started_at,
-    )
-    .await;
-    // Still under the lock: another run's new escalations must not be judged
-    // by this run's (older) evaluation as recovered.
-    if let Ok(Some(c)) = &result
-        && let Err(e) = escalation_lifecycle(
+        progress,
+        opts.cancel.as_ref(),
+    );
+    while let Some(page) = pages.next().await? {
+        summary.customers += page.eval.customers;
+        summary.evaluations += page.eval.evaluations;
+        summary.rule_seconds += page.eval.rule_seconds;
+        tally(&page.eval, &mut summary.rules);
+        let room = MAX_ERRORS_IN_SUMMARY.saturating_sub(summary.errors.len());
+        summary
+            .errors
+            .extend(page.eval.errors.iter().take(room).cloned());
+        plan_partition(
             &**store,
-            &opts.escalation,
-            c.outcome.run_id,
-            opts.now,
-            summary.rules.keys().cloned().collect(),
-            &c.escalated,
-            &c.errored,
+            rules,
+            default_owner,
+            opts,
+            page,
+            summary,
+            &mut counters,
+            run_id,
+            started_at,
         )
-        .await
-    {
-        result = Err(e);
+        .await?;
     }
-    if let Some(lock) = lock
-        && let Err(e) = lock.release().await
-    {
-        // The plan is committed (or failed) either way; the lease frees the
-        // lock by itself.
-        tracing::warn!("Could not release the planner lock: {e}; it frees when its lease ends.");
-    }
-    Ok(result?)
+    summary.evaluation_seconds = started.elapsed().as_secs_f64();
+    let hold = guard_holds(&counters.reach, summary.customers, &opts.guard);
+    let Some(run_id) = run_id else {
+        for rule in hold.keys() {
+            let s = summary.rules.entry(rule.clone()).or_default();
+            s.held = s.emails;
+        }
+        return Ok(None);
+    };
+    let held = store
+        .finish_plan(
+            run_id,
+            &hold,
+            &serde_json::to_value(&*summary).unwrap_or(Value::Null),
+            opts.firing.as_ref(),
+        )
+        .await?;
+    renotify(&**store, &opts.escalation, run_id, opts.now).await?;
+    Ok(Some(Planned { run_id, held }))
 }
 
-async fn apply_policies_and_commit(
+/// Counts what the rules asked for, per rule.
+fn tally(eval: &Evaluation, per_rule: &mut BTreeMap<String, RuleSummary>) {
+    for o in &eval.outgoing {
+        let s = per_rule.entry(o.rule().to_owned()).or_default();
+        match kind_label(o).0 {
+            "email" => s.emails += 1,
+            "escalation" => s.escalations += 1,
+            "tag" => s.tags += 1,
+            _ => s.webhooks += 1,
+        }
+    }
+    for e in &eval.errors {
+        per_rule.entry(e.rule.clone()).or_default().errors += 1;
+    }
+}
+
+/// One partition of a run: dedup against the ledger, the policies, the
+/// commit (unless dry), and what the run says about the open escalations of
+/// the partition's customers.
+#[allow(clippy::too_many_arguments)]
+async fn plan_partition(
     store: &dyn Store,
     rules: &RuleSet,
     default_owner: &Email,
     opts: &RunOptions,
-    mut eval: Evaluation,
+    page: EvaluatedPage,
     summary: &mut RunSummary,
+    counters: &mut RunCounters,
+    run_id: Option<i64>,
     started_at: DateTime<Utc>,
-) -> Result<Option<Committed>, StoreError> {
+) -> Result<(), StoreError> {
+    let EvaluatedPage {
+        first,
+        last,
+        mut eval,
+    } = page;
     // Keys already in the ledger: those actions are deduplicated, so only
     // the rest compete for the guard, the cap and the audit trail.
     let keys = action_keys(&eval.outgoing);
@@ -559,8 +684,11 @@ async fn apply_policies_and_commit(
     // deduplicated, unless a policy removed the first.
     let copies = take_copies(&mut eval.outgoing);
     // The guard judges what each rule wants to send (before suppressions and
-    // the cap trim it), so a bad edit cannot trickle out under the cap.
-    let hold = guard_decision(&eval.outgoing, &existing, summary.customers, &opts.guard);
+    // the cap trim it), so a bad edit cannot trickle out under the cap. A
+    // customer is in one partition only, so the counts add up.
+    for (rule, n) in guard_reach(&eval.outgoing, &existing) {
+        *counters.reach.entry(rule).or_default() += n;
+    }
     let mut decisions = drop_suppressed(store, &existing, &mut eval.outgoing).await?;
     for d in &decisions {
         summary.rules.entry(d.rule.clone()).or_default().suppressed += 1;
@@ -585,8 +713,6 @@ async fn apply_policies_and_commit(
         }
     }
     if opts.escalation.owner_daily_cap > 0 {
-        let since = opts.now - chrono::Duration::days(1);
-        let counts = store.owner_escalation_counts(since).await?;
         // Re-fires of escalations already open open nothing new: they do
         // not count against an owner's cap.
         let pairs = escalation_pairs(&eval.outgoing);
@@ -596,7 +722,7 @@ async fn apply_policies_and_commit(
             &mut eval.outgoing,
             &open,
             &resolved,
-            counts,
+            &mut counters.owners,
             opts.escalation.owner_daily_cap,
             default_owner,
         );
@@ -606,14 +732,9 @@ async fn apply_policies_and_commit(
         Outgoing::Action(a) => planned.contains(&a.dedup_key),
         Outgoing::Escalation(_) => true,
     }));
-    if opts.dry_run {
-        mark_dry_run_duplicates(store, &existing, &eval, summary).await?;
-        for rule in hold.keys() {
-            let s = summary.rules.entry(rule.clone()).or_default();
-            s.held = s.emails;
-        }
-        return Ok(None);
-    }
+    let Some(run_id) = run_id else {
+        return mark_dry_run_duplicates(store, &existing, &eval, summary).await;
+    };
     // What this run says about open escalations: which (customer, rule)
     // pairs escalated again, and which could not be evaluated.
     let escalated: HashSet<(String, String)> = eval
@@ -634,10 +755,8 @@ async fn apply_policies_and_commit(
         now: opts.now,
         started_at,
         errors: eval.errors,
-        summary: serde_json::to_value(&summary).unwrap_or(Value::Null),
-        hold,
         decisions,
-        firing: opts.firing.clone(),
+        partition_of: Some(run_id),
         ..Default::default()
     };
     for o in eval.outgoing {
@@ -647,11 +766,16 @@ async fn apply_policies_and_commit(
         }
     }
     let outcome = store.commit_plan(commit).await?;
-    Ok(Some(Committed {
-        outcome,
-        escalated,
-        errored,
-    }))
+    for (rule, counts) in &outcome.per_rule {
+        let s = summary.rules.entry(rule.clone()).or_default();
+        s.planned += counts.planned;
+        s.deduplicated += counts.deduplicated;
+    }
+    // Still under the lock: another run's new escalations must not be judged
+    // by this run's (older) evaluation as recovered.
+    let open = store.open_escalations_in_id_range(&first, &last).await?;
+    let evaluated: HashSet<&str> = summary.rules.keys().map(String::as_str).collect();
+    mark_recovered(store, &open, &evaluated, &escalated, &errored, opts.now).await
 }
 
 /// Takes out of a plan the actions whose dedup key an earlier action of the
@@ -778,14 +902,12 @@ fn escalation_pairs(outgoing: &[Outgoing]) -> Vec<(CustomerId, String)> {
         .collect()
 }
 
-/// The blast-radius guard: rules whose new emails in this run would reach
-/// more customers than `guard` allows, with the reason recorded on them.
-pub(crate) fn guard_decision(
+/// The blast-radius guard's count: per rule, the distinct customers a plan
+/// asks to email anew.
+pub(crate) fn guard_reach(
     outgoing: &[Outgoing],
     existing: &HashSet<String>,
-    customers: u64,
-    guard: &crate::policy::GuardConfig,
-) -> BTreeMap<String, String> {
+) -> BTreeMap<String, usize> {
     let mut reached: BTreeMap<&str, HashSet<&CustomerId>> = BTreeMap::new();
     for a in new_emails(outgoing, existing) {
         reached
@@ -795,17 +917,37 @@ pub(crate) fn guard_decision(
     }
     reached
         .into_iter()
-        .filter(|(_, who)| guard.holds(who.len(), customers))
-        .map(|(rule, who)| {
+        .map(|(rule, who)| (rule.to_owned(), who.len()))
+        .collect()
+}
+
+/// The blast-radius guard: rules whose new emails in this run would reach
+/// more customers than `guard` allows, with the reason recorded on them.
+pub(crate) fn guard_holds(
+    reach: &BTreeMap<String, usize>,
+    customers: u64,
+    guard: &crate::policy::GuardConfig,
+) -> BTreeMap<String, String> {
+    reach
+        .iter()
+        .filter(|&(_, &n)| guard.holds(n, customers))
+        .map(|(rule, n)| {
             (
-                rule.to_owned(),
-                format!(
-                    "held by the blast-radius guard: {} of {customers} customers in one run",
-                    who.len()
-                ),
+                rule.clone(),
+                format!("held by the blast-radius guard: {n} of {customers} customers in one run"),
             )
         })
         .collect()
+}
+
+/// The guard for a whole plan held in memory (`simulate`).
+pub(crate) fn guard_decision(
+    outgoing: &[Outgoing],
+    existing: &HashSet<String>,
+    customers: u64,
+    guard: &crate::policy::GuardConfig,
+) -> BTreeMap<String, String> {
+    guard_holds(&guard_reach(outgoing, existing), customers, guard)
 }
 
 /// The marketing emails of a plan that are not in the ledger yet.
@@ -829,7 +971,7 @@ pub(crate) fn overflow_owners(
     outgoing: &mut [Outgoing],
     already_open: &HashSet<(CustomerId, String)>,
     resolved: &HashSet<(CustomerId, String, String)>,
-    mut counts: HashMap<String, u32>,
+    counts: &mut HashMap<String, u32>,
     cap: u32,
     default_owner: &Email,
 ) {
@@ -860,23 +1002,20 @@ pub(crate) fn overflow_owners(
     }
 }
 
-/// After a plan is committed: open escalations whose rule no longer fires
-/// for the customer are marked recovered (not closed: a human decides), or
-/// unmarked if it fires again; unacknowledged ones due a reminder get one
-/// (to `escalation.lead` when set).
-async fn escalation_lifecycle(
+/// After a partition is committed: its customers' open escalations whose
+/// rule no longer fires are marked recovered (not closed: a human decides),
+/// or unmarked if it fires again.
+async fn mark_recovered(
     store: &dyn Store,
-    config: &crate::config::EscalationConfig,
-    run_id: i64,
-    now: DateTime<Utc>,
-    evaluated_rules: HashSet<String>,
+    open: &[crate::store::EscalationRecord],
+    evaluated_rules: &HashSet<&str>,
     escalated: &HashSet<(String, String)>,
     errored: &HashSet<(String, String)>,
+    now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let open = store.escalations(true).await?;
     let (mut recovered, mut relapsed) = (Vec::new(), Vec::new());
-    for e in &open {
-        if !evaluated_rules.contains(&e.rule) {
+    for e in open {
+        if !evaluated_rules.contains(e.rule.as_str()) {
             continue;
         }
         let pair = (e.customer_id.clone(), e.rule.clone());
@@ -889,21 +1028,32 @@ async fn escalation_lifecycle(
         }
     }
     store.set_recovered(&recovered, true, now).await?;
-    store.set_recovered(&relapsed, false, now).await?;
-    if config.renotify_days > 0 {
-        let before = now - chrono::Duration::days(i64::from(config.renotify_days));
-        for e in store.escalations_to_renotify(before).await? {
-            let to = config.lead.as_deref().unwrap_or(&e.owner);
-            if store
-                .renotify(e.id, e.notifications, to, run_id, now)
-                .await?
-            {
-                tracing::info!(
-                    escalation = e.id,
-                    to,
-                    "Escalation not acknowledged; reminder sent."
-                );
-            }
+    store.set_recovered(&relapsed, false, now).await
+}
+
+/// After a run is planned: unacknowledged escalations due a reminder get
+/// one (to `escalation.lead` when set).
+async fn renotify(
+    store: &dyn Store,
+    config: &crate::config::EscalationConfig,
+    run_id: i64,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if config.renotify_days == 0 {
+        return Ok(());
+    }
+    let before = now - chrono::Duration::days(i64::from(config.renotify_days));
+    for e in store.escalations_to_renotify(before).await? {
+        let to = config.lead.as_deref().unwrap_or(&e.owner);
+        if store
+            .renotify(e.id, e.notifications, to, run_id, now)
+            .await?
+        {
+            tracing::info!(
+                escalation = e.id,
+                to,
+                "Escalation not acknowledged; reminder sent."
+            );
         }
     }
     Ok(())

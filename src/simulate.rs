@@ -272,7 +272,7 @@ async fn apply_policies(
             &mut outgoing,
             &open,
             &ledger.resolved,
-            counts,
+            &mut counts,
             config.escalation.owner_daily_cap,
             default_owner,
         );

@@ -167,6 +167,11 @@ pub struct PlanCommit {
     /// The schedule firing this run is for: marked done with the run, in
     /// the same transaction, so a crash after the commit never runs it again.
     pub firing: Option<Firing>,
+    /// A partition of a run begun with `begin_run`: its actions join that
+    /// run, and its new emails are `staged` (never delivered) until
+    /// `finish_plan` releases or holds them. `firing` and `hold` are then
+    /// `finish_plan`'s business and ignored here.
+    pub partition_of: Option<i64>,
 }
 
 /// Per-rule counts of what committing a plan did.
@@ -429,6 +434,35 @@ pub trait Store: Send + Sync {
     /// and each opened escalation enqueues a notice to its owner. Tags are
     /// applied at once.
     async fn commit_plan(&self, plan: PlanCommit) -> StoreResult<CommitOutcome>;
+    /// Records a run that will be committed in partitions (`planning`).
+    async fn begin_run(
+        &self,
+        trigger: &str,
+        now: DateTime<Utc>,
+        started_at: DateTime<Utc>,
+    ) -> StoreResult<i64>;
+    /// Ends the planning of a partitioned run, in one transaction: the staged
+    /// emails of the rules in `hold` are held (with the reason), the others
+    /// become pending; the run is `planned` (or `held`) with `summary`; its
+    /// firing is done. Returns how many emails each held rule has waiting.
+    async fn finish_plan(
+        &self,
+        run_id: i64,
+        hold: &BTreeMap<String, String>,
+        summary: &Value,
+        firing: Option<&Firing>,
+    ) -> StoreResult<BTreeMap<String, usize>>;
+    /// Runs still `planning` whose planner is gone (call under the planner
+    /// lock): their staged emails are deleted (never sent, so their keys are
+    /// free for the next run to plan again) and they are marked `abandoned`.
+    /// Returns how many runs were abandoned.
+    async fn abandon_unfinished_runs(&self, at: DateTime<Utc>) -> StoreResult<u64>;
+    /// Open (or acknowledged) escalations of customers with ids in `first..=last`.
+    async fn open_escalations_in_id_range(
+        &self,
+        first: &CustomerId,
+        last: &CustomerId,
+    ) -> StoreResult<Vec<EscalationRecord>>;
     /// Takes the planner lock for `holder` until `until` if it is free or
     /// its lease ended before `now`; false if another holder has it.
     async fn try_lock_planner(

@@ -394,17 +394,38 @@ impl PostgresStore {
             .await?;
         let now_ms = to_millis(plan.started_at);
         let plan_ms = to_millis(plan.now);
-        let run_id: i64 = sqlx::query_scalar(
-            "INSERT INTO runs (trigger, now, started_at, status, summary)
-             VALUES ($1, $2, $3, 'planned', $4) RETURNING id",
-        )
-        .bind(&plan.trigger)
-        .bind(plan_ms)
-        .bind(now_ms)
-        .bind(plan.summary.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
-        if let Some(f) = &plan.firing {
+        let staged = plan.partition_of.is_some();
+        let run_id: i64 = match plan.partition_of {
+            // A partition joins its run only while the run is still
+            // planning: one abandoned by a later planner (this planner lost
+            // its lock) takes nothing more, or its emails would stay staged.
+            Some(id) => {
+                let status: Option<String> =
+                    sqlx::query_scalar("SELECT status FROM runs WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if status.as_deref() != Some("planning") {
+                    return Err(StoreError::LeaseLost(format!(
+                        "run {id}, which is no longer planning"
+                    )));
+                }
+                id
+            }
+            None => {
+                sqlx::query_scalar(
+                    "INSERT INTO runs (trigger, now, started_at, status, summary)
+                     VALUES ($1, $2, $3, 'planned', $4) RETURNING id",
+                )
+                .bind(&plan.trigger)
+                .bind(plan_ms)
+                .bind(now_ms)
+                .bind(plan.summary.to_string())
+                .fetch_one(&mut *tx)
+                .await?
+            }
+        };
+        if let Some(f) = plan.firing.as_ref().filter(|_| !staged) {
             let n = sqlx::query(
                 "UPDATE schedule_firings SET status = 'done', run_id = $1, finished_at = $2, lease_until = NULL
                  WHERE schedule = $3 AND fire_at = $4 AND status = 'running' AND holder = $5",
@@ -442,7 +463,7 @@ impl PostgresStore {
         drop(seen);
         let mut new_emails: BTreeMap<&str, usize> = BTreeMap::new();
         for chunk in unique.chunks(CHUNK) {
-            let inserted = insert_actions(&mut tx, run_id, now_ms, plan_ms, chunk).await?;
+            let inserted = insert_actions(&mut tx, run_id, now_ms, plan_ms, chunk, staged).await?;
             let mut tags = Vec::new();
             for &a in chunk {
                 let counts = per_rule.entry(a.rule.clone()).or_default();
@@ -475,7 +496,7 @@ impl PostgresStore {
         // The blast-radius guard (decided by the pipeline): the rule's new
         // emails of this run wait for approval.
         let mut held = BTreeMap::new();
-        for (rule, reason) in &plan.hold {
+        for (rule, reason) in plan.hold.iter().filter(|_| !staged) {
             let n = new_emails.get(rule.as_str()).copied().unwrap_or(0);
             if n == 0 {
                 continue;
@@ -564,16 +585,9 @@ async fn insert_actions(
     now_ms: i64,
     plan_ms: i64,
     chunk: &[&NewAction],
+    staged: bool,
 ) -> StoreResult<HashSet<String>> {
-    let status = |a: &NewAction| {
-        if a.kind == OutboxKind::Tag {
-            "done"
-        } else if a.dropped.is_some() {
-            "dropped"
-        } else {
-            "pending"
-        }
-    };
+    let status = |a: &NewAction| super::rows::initial_status(a, staged);
     let finished =
         |a: &NewAction| (a.kind == OutboxKind::Tag || a.dropped.is_some()).then_some(now_ms);
     let rows = sqlx::query(
@@ -981,6 +995,127 @@ impl Store for PostgresStore {
         retrying("Committing the plan", || self.commit_plan_once(&plan)).await
     }
 
+    async fn begin_run(
+        &self,
+        trigger: &str,
+        now: DateTime<Utc>,
+        started_at: DateTime<Utc>,
+    ) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO runs (trigger, now, started_at, status, summary)
+             VALUES ($1, $2, $3, 'planning', '{}') RETURNING id",
+        )
+        .bind(trigger)
+        .bind(to_millis(now))
+        .bind(to_millis(started_at))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn finish_plan(
+        &self,
+        run_id: i64,
+        hold: &BTreeMap<String, String>,
+        summary: &Value,
+        firing: Option<&Firing>,
+    ) -> StoreResult<BTreeMap<String, usize>> {
+        let mut tx = self.pool.begin().await?;
+        let at = to_millis(Utc::now());
+        if let Some(f) = firing {
+            let n = sqlx::query(
+                "UPDATE schedule_firings SET status = 'done', run_id = $1, finished_at = $2, lease_until = NULL
+                 WHERE schedule = $3 AND fire_at = $4 AND status = 'running' AND holder = $5",
+            )
+            .bind(run_id)
+            .bind(at)
+            .bind(&f.schedule)
+            .bind(to_millis(f.fire_at))
+            .bind(&f.holder)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n == 0 {
+                return Err(StoreError::LeaseLost(format!(
+                    "schedule {:?} firing at {}",
+                    f.schedule, f.fire_at
+                )));
+            }
+        }
+        let mut held = BTreeMap::new();
+        for (rule, reason) in hold {
+            let n = sqlx::query(
+                "UPDATE actions SET status = 'held', last_error = $1
+                 WHERE run_id = $2 AND rule = $3 AND status = 'staged'",
+            )
+            .bind(reason)
+            .bind(run_id)
+            .bind(rule)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n > 0 {
+                held.insert(rule.clone(), n as usize);
+            }
+        }
+        sqlx::query(
+            "UPDATE actions SET status = 'pending' WHERE run_id = $1 AND status = 'staged'",
+        )
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        let n = sqlx::query(
+            "UPDATE runs SET status = $1, summary = $2 WHERE id = $3 AND status = 'planning'",
+        )
+        .bind(if held.is_empty() { "planned" } else { "held" })
+        .bind(summary.to_string())
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::LeaseLost(format!(
+                "run {run_id}, which is no longer planning"
+            )));
+        }
+        tx.commit().await?;
+        Ok(held)
+    }
+
+    async fn abandon_unfinished_runs(&self, at: DateTime<Utc>) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM actions WHERE status = 'staged'
+               AND run_id IN (SELECT id FROM runs WHERE status = 'planning')",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let n = sqlx::query(
+            "UPDATE runs SET status = 'abandoned', finished_at = $1 WHERE status = 'planning'",
+        )
+        .bind(to_millis(at))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn open_escalations_in_id_range(
+        &self,
+        first: &CustomerId,
+        last: &CustomerId,
+    ) -> StoreResult<Vec<EscalationRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM escalations WHERE customer_id >= $1 AND customer_id <= $2
+               AND status IN ('open', 'acknowledged') ORDER BY id",
+        )
+        .bind(first.as_str())
+        .bind(last.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(escalation_from_row).collect()
+    }
+
     async fn try_lock_planner(
         &self,
         holder: &str,
@@ -1175,7 +1310,7 @@ impl Store for PostgresStore {
                 // sees the cap as it was), moved later by a send window or
                 // an approval.
                 "SELECT customer_id, COUNT(*) AS n FROM actions
-                 WHERE kind = 'email' AND status IN ('pending', 'sending', 'sent', 'held')
+                 WHERE kind = 'email' AND status IN ('staged', 'pending', 'sending', 'sent', 'held')
                    AND cap_at >= $1 AND customer_id = ANY($2)
                  GROUP BY customer_id",
             )

@@ -141,3 +141,18 @@ pub(crate) fn decision_from_row(row: &impl Columns) -> StoreResult<DecisionRecor
         times: count(row, "times")?,
     })
 }
+
+/// The status a new outbox row starts in: tags are applied at once (done),
+/// capped emails recorded as dropped, the emails of a run still planning in
+/// partitions wait as staged for the run's guard decision, the rest pending.
+pub(super) fn initial_status(a: &super::NewAction, staged: bool) -> &'static str {
+    if a.kind == crate::plan::OutboxKind::Tag {
+        "done"
+    } else if a.dropped.is_some() {
+        "dropped"
+    } else if staged && a.kind == crate::plan::OutboxKind::Email {
+        "staged"
+    } else {
+        "pending"
+    }
+}

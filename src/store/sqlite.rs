@@ -14,7 +14,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::rows::{
     action_from_row, corrupt, customer_from_row, decision_from_row, escalation_from_row,
-    event_from_row, id_of, json_of,
+    event_from_row, id_of, initial_status, json_of,
 };
 use super::*;
 use crate::domain::{Customer, CustomerId, CustomerPatch, Email, EngagementModel, Event};
@@ -312,17 +312,36 @@ impl Store for SqliteStore {
     async fn commit_plan(&self, plan: PlanCommit) -> StoreResult<CommitOutcome> {
         let mut tx = self.immediate().await?;
         let now_ms = to_millis(plan.started_at);
-        let run_id: i64 = sqlx::query_scalar(
-            "INSERT INTO runs (trigger, now, started_at, status, summary) VALUES (?, ?, ?, 'planned', ?)
-             RETURNING id",
-        )
-        .bind(&plan.trigger)
-        .bind(to_millis(plan.now))
-        .bind(now_ms)
-        .bind(plan.summary.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
-        if let Some(f) = &plan.firing {
+        let staged = plan.partition_of.is_some();
+        let run_id: i64 = match plan.partition_of {
+            // A partition joins its run only while the run is still
+            // planning: one abandoned by a later planner (this planner lost
+            // its lock) takes nothing more, or its emails would stay staged.
+            Some(id) => {
+                let status: Option<String> =
+                    sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if status.as_deref() != Some("planning") {
+                    return Err(StoreError::LeaseLost(format!("run {id}, which is no longer planning")));
+                }
+                id
+            }
+            None => {
+                sqlx::query_scalar(
+                    "INSERT INTO runs (trigger, now, started_at, status, summary) VALUES (?, ?, ?, 'planned', ?)
+                     RETURNING id",
+                )
+                .bind(&plan.trigger)
+                .bind(to_millis(plan.now))
+                .bind(now_ms)
+                .bind(plan.summary.to_string())
+                .fetch_one(&mut *tx)
+                .await?
+            }
+        };
+        if let Some(f) = plan.firing.as_ref().filter(|_| !staged) {
             let n = sqlx::query(
                 "UPDATE schedule_firings SET status = 'done', run_id = ?, finished_at = ?, lease_until = NULL
                  WHERE schedule = ? AND fire_at = ? AND status = 'running' AND holder = ?",
@@ -368,13 +387,7 @@ impl Store for SqliteStore {
             );
             qb.push_values(chunk, |mut b, a| {
                 let is_tag = a.kind == OutboxKind::Tag;
-                let status = if is_tag {
-                    "done"
-                } else if a.dropped.is_some() {
-                    "dropped"
-                } else {
-                    "pending"
-                };
+                let status = initial_status(a, staged);
                 b.push_bind(run_id)
                     .push_bind(a.customer_id.as_str().to_owned())
                     .push_bind(a.rule.clone())
@@ -431,7 +444,7 @@ impl Store for SqliteStore {
         // The blast-radius guard (decided by the pipeline): the rule's new
         // emails of this run wait for approval.
         let mut held = BTreeMap::new();
-        for (rule, reason) in &plan.hold {
+        for (rule, reason) in plan.hold.iter().filter(|_| !staged) {
             let n = new_emails.get(rule.as_str()).copied().unwrap_or(0);
             if n == 0 {
                 continue;
@@ -538,6 +551,125 @@ impl Store for SqliteStore {
             per_rule,
             held,
         })
+    }
+
+    async fn begin_run(
+        &self,
+        trigger: &str,
+        now: DateTime<Utc>,
+        started_at: DateTime<Utc>,
+    ) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO runs (trigger, now, started_at, status, summary) VALUES (?, ?, ?, 'planning', '{}')
+             RETURNING id",
+        )
+        .bind(trigger)
+        .bind(to_millis(now))
+        .bind(to_millis(started_at))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn finish_plan(
+        &self,
+        run_id: i64,
+        hold: &BTreeMap<String, String>,
+        summary: &Value,
+        firing: Option<&Firing>,
+    ) -> StoreResult<BTreeMap<String, usize>> {
+        let mut tx = self.immediate().await?;
+        let at = to_millis(Utc::now());
+        if let Some(f) = firing {
+            let n = sqlx::query(
+                "UPDATE schedule_firings SET status = 'done', run_id = ?, finished_at = ?, lease_until = NULL
+                 WHERE schedule = ? AND fire_at = ? AND status = 'running' AND holder = ?",
+            )
+            .bind(run_id)
+            .bind(at)
+            .bind(&f.schedule)
+            .bind(to_millis(f.fire_at))
+            .bind(&f.holder)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n == 0 {
+                return Err(StoreError::LeaseLost(format!(
+                    "schedule {:?} firing at {}",
+                    f.schedule, f.fire_at
+                )));
+            }
+        }
+        let mut held = BTreeMap::new();
+        for (rule, reason) in hold {
+            let n = sqlx::query(
+                "UPDATE actions SET status = 'held', last_error = ?
+                 WHERE run_id = ? AND rule = ? AND status = 'staged'",
+            )
+            .bind(reason)
+            .bind(run_id)
+            .bind(rule)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n > 0 {
+                held.insert(rule.clone(), n as usize);
+            }
+        }
+        sqlx::query("UPDATE actions SET status = 'pending' WHERE run_id = ? AND status = 'staged'")
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?;
+        let n = sqlx::query(
+            "UPDATE runs SET status = ?, summary = ? WHERE id = ? AND status = 'planning'",
+        )
+        .bind(if held.is_empty() { "planned" } else { "held" })
+        .bind(summary.to_string())
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::LeaseLost(format!(
+                "run {run_id}, which is no longer planning"
+            )));
+        }
+        tx.commit().await?;
+        Ok(held)
+    }
+
+    async fn abandon_unfinished_runs(&self, at: DateTime<Utc>) -> StoreResult<u64> {
+        let mut tx = self.immediate().await?;
+        sqlx::query(
+            "DELETE FROM actions WHERE status = 'staged'
+               AND run_id IN (SELECT id FROM runs WHERE status = 'planning')",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let n = sqlx::query(
+            "UPDATE runs SET status = 'abandoned', finished_at = ? WHERE status = 'planning'",
+        )
+        .bind(to_millis(at))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn open_escalations_in_id_range(
+        &self,
+        first: &CustomerId,
+        last: &CustomerId,
+    ) -> StoreResult<Vec<EscalationRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM escalations WHERE customer_id >= ? AND customer_id <= ?
+               AND status IN ('open', 'acknowledged') ORDER BY id",
+        )
+        .bind(first.as_str())
+        .bind(last.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(escalation_from_row).collect()
     }
 
     async fn try_lock_planner(
@@ -720,7 +852,7 @@ impl Store for SqliteStore {
                 // sees the cap as it was), moved later by a send window or
                 // an approval.
                 "SELECT customer_id, COUNT(*) AS n FROM actions
-                 WHERE kind = 'email' AND status IN ('pending', 'sending', 'sent', 'held')
+                 WHERE kind = 'email' AND status IN ('staged', 'pending', 'sending', 'sent', 'held')
                    AND cap_at >= ? AND customer_id IN (SELECT value FROM json_each(?))
                  GROUP BY customer_id",
             )

@@ -1168,3 +1168,98 @@ async fn a_resolved_escalation_firing_again_does_not_use_up_its_owners_daily_cap
     assert_eq!(open[0].customer_id, "b");
     assert_eq!(open[0].owner, "csm@acme.test", "{open:?}");
 }
+
+/// `n` customers, ids `p00000…`, who signed up the evening before `NOW`.
+fn many_customers(n: usize) -> String {
+    let mut csv = String::from("id,email,created_at\n");
+    for i in 0..n {
+        csv.push_str(&format!(
+            "p{i:05},p{i:05}@example.com,2026-06-14T20:00:00Z\n"
+        ));
+    }
+    csv
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guard_counts_a_rule_over_every_partition_of_a_run() {
+    let app = TestApp::new().await;
+    // Three partitions of customers (a page is 2,000); the rule mails two in
+    // three. No page alone passes min_count, the run does.
+    only_rules(
+        &app,
+        &[(
+            "blast",
+            "let n = parse_int(customer.id.sub_string(1));\nif n % 3 != 0 { send_email(\"winback\", #{ key: \"blast\", days_inactive: 0 }); }\n",
+        )],
+    );
+    app.write_config("[guard]\nmin_count = 2500\nmax_share = 0.5\n");
+    app.import_customers(&many_customers(4500)).await;
+    let s = app.run_at(NOW).await;
+    assert_eq!(s["customers"], 4500);
+    assert_eq!(s["rules"]["blast"]["emails"], 3000);
+    assert_eq!(s["rules"]["blast"]["held"], 3000, "{s}");
+    assert_eq!(app.smtp.count(), 0, "nothing of the held rule was sent");
+    let runs = app.engaged(&["runs", "--json"]).await.json();
+    assert_eq!(runs[0]["status"], "held");
+    assert_eq!(runs[0]["held"]["blast"], 3000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_died_between_partitions_is_abandoned_and_the_next_one_sends_once() {
+    let app = TestApp::new().await;
+    only_rules(&app, &[("welcome", "send_email(\"welcome\");\n")]);
+    app.write_config("[guard]\nmin_count = 1000000\n");
+    app.import_customers(&many_customers(3000)).await;
+    let store = app.store().await;
+    // A planner committed its first partition, then died: its emails are
+    // staged, never deliverable.
+    let now: chrono::DateTime<chrono::Utc> = NOW.parse().unwrap();
+    let dead = store.begin_run("cli", now, now).await.unwrap();
+    let first: Vec<engaged::store::NewAction> = (0..2000)
+        .map(|i| engaged::store::NewAction {
+            customer_id: engaged::domain::CustomerId::parse(&format!("p{i:05}")).unwrap(),
+            rule: "welcome".into(),
+            kind: engaged::plan::OutboxKind::Email,
+            dedup_key: format!("p{i:05}\u{1f}welcome\u{1f}welcome"),
+            customer_email: Some(format!("p{i:05}@example.com")),
+            customer_timezone: None,
+            not_before: None,
+            dropped: None,
+            subject: "welcome (key welcome)".into(),
+            payload: "{}".into(),
+        })
+        .collect();
+    store
+        .commit_plan(engaged::store::PlanCommit {
+            trigger: "cli".into(),
+            now,
+            started_at: now,
+            actions: first,
+            partition_of: Some(dead),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The next run abandons it and plans every welcome afresh, once.
+    let s = app.run_at(NOW).await;
+    assert_eq!(s["rules"]["welcome"]["planned"], 3000, "{s}");
+    assert_eq!(s["delivery"]["sent"], 3000);
+    let mut to: Vec<String> = app
+        .smtp
+        .messages()
+        .iter()
+        .map(|m| m.rcpt_to[0].clone())
+        .collect();
+    to.sort();
+    to.dedup();
+    assert_eq!(to.len(), 3000);
+    assert_eq!(app.smtp.count(), 3000, "each once");
+    let runs = app.engaged(&["runs", "--json"]).await.json();
+    let statuses: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["completed", "abandoned"], "{runs}");
+}

@@ -85,6 +85,8 @@ conformance!(
     suppressions_ignore_case,
     firings_are_recorded_once_and_run_one_at_a_time_per_schedule,
     the_leases_of_a_dead_process_are_released_all_at_once,
+    a_run_planned_in_partitions_stages_its_emails_until_its_guard_decision,
+    a_run_abandoned_mid_plan_frees_its_staged_emails_and_takes_no_more,
     settings_keep_their_first_value,
     large_batches_span_several_statements,
     concurrent_claimers_never_get_the_same_action,
@@ -2082,4 +2084,147 @@ async fn the_leases_of_a_dead_process_are_released_all_at_once(store: Arc<dyn St
             .iter()
             .all(|f| f.status == "running")
     );
+}
+
+async fn a_run_planned_in_partitions_stages_its_emails_until_its_guard_decision(
+    store: Arc<dyn Store>,
+) {
+    let m = Duration::minutes;
+    let run = store.begin_run("test", t0(), t0()).await.unwrap();
+    assert_eq!(store.runs(10).await.unwrap()[0].status, "planning");
+    // Two partitions: emails of two rules, a webhook, an escalation, a tag.
+    let mut first = plan(
+        t0(),
+        vec![
+            email("c1", "welcome", "welcome"),
+            email("c1", "promo", "spring"),
+            webhook("c1", "crm", "crm"),
+            tag("c1", "level", "explorer"),
+        ],
+    );
+    first.partition_of = Some(run);
+    first.escalations = vec![escalation("c1", "stalled", "no login")];
+    let out = store.commit_plan(first).await.unwrap();
+    assert_eq!(out.run_id, run);
+    let mut second = plan(
+        t0(),
+        vec![
+            email("c2", "welcome", "welcome"),
+            email("c2", "promo", "spring"),
+        ],
+    );
+    second.partition_of = Some(run);
+    store.commit_plan(second).await.unwrap();
+
+    // Staged emails are not delivered; the webhook and the notice are.
+    let due = store.claim_due(t0(), t0() + m(10), 100).await.unwrap();
+    let mut kinds: Vec<&str> = due.iter().map(|i| i.kind.as_str()).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["escalation_notice", "webhook"]);
+    // They count against the frequency cap and are known to dedup.
+    let recent = store
+        .recent_email_counts(&[cid("c1"), cid("c2")], t0() - m(1))
+        .await
+        .unwrap();
+    assert_eq!(recent.get(&cid("c1")), Some(&2));
+    let keys = vec![email("c2", "promo", "spring").dedup_key];
+    assert_eq!(store.existing_dedup_keys(&keys).await.unwrap().len(), 1);
+    // Tags are applied at once.
+    let tags = store
+        .tags_in_id_range(&cid("c1"), &cid("c1"))
+        .await
+        .unwrap();
+    assert_eq!(tags.len(), 1);
+
+    // The guard holds `promo`; `welcome` is released.
+    let hold = BTreeMap::from([("promo".to_owned(), "held by the guard".to_owned())]);
+    let held = store
+        .finish_plan(run, &hold, &json!({"customers": 2}), None)
+        .await
+        .unwrap();
+    assert_eq!(held, BTreeMap::from([("promo".to_owned(), 2)]));
+    let due = store.claim_due(t0(), t0() + m(10), 100).await.unwrap();
+    let subjects: Vec<String> = due
+        .iter()
+        .map(|i| format!("{} {}", i.customer_id, i.rule))
+        .collect();
+    assert_eq!(subjects, ["c1 welcome", "c2 welcome"]);
+    let record = &store.runs(10).await.unwrap()[0];
+    assert_eq!(record.status, "held");
+    assert_eq!(record.held.get("promo"), Some(&2));
+    // A finished run takes no more partitions and is not finished twice.
+    let mut late = plan(t0(), vec![email("c3", "welcome", "welcome")]);
+    late.partition_of = Some(run);
+    assert!(matches!(
+        store.commit_plan(late).await,
+        Err(engaged::store::StoreError::LeaseLost(_))
+    ));
+    assert!(matches!(
+        store
+            .finish_plan(run, &BTreeMap::new(), &json!({}), None)
+            .await,
+        Err(engaged::store::StoreError::LeaseLost(_))
+    ));
+    // The open escalations of a range of customers.
+    let open = store
+        .open_escalations_in_id_range(&cid("c0"), &cid("c1"))
+        .await
+        .unwrap();
+    assert_eq!(open.len(), 1);
+    assert!(
+        store
+            .open_escalations_in_id_range(&cid("c2"), &cid("c9"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn a_run_abandoned_mid_plan_frees_its_staged_emails_and_takes_no_more(store: Arc<dyn Store>) {
+    let m = Duration::minutes;
+    let dead = store.begin_run("test", t0(), t0()).await.unwrap();
+    let mut part = plan(
+        t0(),
+        vec![
+            email("c1", "welcome", "welcome"),
+            webhook("c1", "crm", "crm"),
+        ],
+    );
+    part.partition_of = Some(dead);
+    store.commit_plan(part).await.unwrap();
+    // Its planner died; the next one abandons it.
+    assert_eq!(store.abandon_unfinished_runs(t0() + m(1)).await.unwrap(), 1);
+    assert_eq!(store.abandon_unfinished_runs(t0() + m(1)).await.unwrap(), 0);
+    assert_eq!(store.runs(10).await.unwrap()[0].status, "abandoned");
+    // The staged email is gone, its key free; the webhook it committed stays.
+    let keys = vec![email("c1", "welcome", "welcome").dedup_key];
+    assert!(store.existing_dedup_keys(&keys).await.unwrap().is_empty());
+    let due = store
+        .claim_due(t0() + m(1), t0() + m(11), 100)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].kind, OutboxKind::Webhook);
+    let mut late = plan(t0(), vec![email("c2", "welcome", "welcome")]);
+    late.partition_of = Some(dead);
+    assert!(matches!(
+        store.commit_plan(late).await,
+        Err(engaged::store::StoreError::LeaseLost(_))
+    ));
+    // The next run plans the email afresh, and it goes.
+    let next = store.begin_run("test", t0(), t0()).await.unwrap();
+    let mut part = plan(t0(), vec![email("c1", "welcome", "welcome")]);
+    part.partition_of = Some(next);
+    let out = store.commit_plan(part).await.unwrap();
+    assert_eq!(out.per_rule["welcome"], counts(1, 0));
+    store
+        .finish_plan(next, &BTreeMap::new(), &json!({}), None)
+        .await
+        .unwrap();
+    let due = store
+        .claim_due(t0() + m(2), t0() + m(12), 100)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].kind, OutboxKind::Email);
 }
