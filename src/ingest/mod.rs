@@ -94,6 +94,15 @@ struct Batch {
 }
 
 impl Batch {
+    /// An empty batch with room for a full batch of customers, so the
+    /// reader does not regrow it row by row.
+    fn of_customers() -> Self {
+        Self {
+            customers: Vec::with_capacity(BATCH),
+            ..Self::default()
+        }
+    }
+
     fn len(&self) -> usize {
         self.customers.len() + self.events.len()
     }
@@ -114,8 +123,7 @@ async fn apply(
         }
         report.ignored += batch.ignored;
         if !batch.customers.is_empty() {
-            let patches: Vec<CustomerPatch> =
-                batch.customers.iter().map(|(_, p)| p.clone()).collect();
+            let patches: Vec<CustomerPatch> = batch.customers.into_iter().map(|(_, p)| p).collect();
             for outcome in store.upsert_customers(&patches).await? {
                 match outcome {
                     Upsert::Inserted => report.imported += 1,
@@ -154,7 +162,7 @@ pub async fn import_customers(
 
     let (tx, rx) = mpsc::channel::<Batch>(4);
     let reader_task = tokio::task::spawn_blocking(move || {
-        let mut batch = Batch::default();
+        let mut batch = Batch::of_customers();
         let mut record = csv::ByteRecord::new();
         while let Some((line, result)) = next_record(&mut records, &mut record) {
             match result {
@@ -174,7 +182,11 @@ pub async fn import_customers(
                     }
                 }
             }
-            if batch.len() >= BATCH && tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+            if batch.len() >= BATCH
+                && tx
+                    .blocking_send(std::mem::replace(&mut batch, Batch::of_customers()))
+                    .is_err()
+            {
                 return;
             }
         }

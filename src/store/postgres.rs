@@ -763,7 +763,7 @@ async fn insert_new_customers(
     .bind(round.iter().map(|p| p.timezone.clone()).collect::<Vec<_>>())
     .bind(round.iter().map(|p| p.model.map(|m| m.as_str().to_owned())).collect::<Vec<_>>())
     .bind(round.iter().map(|p| p.owner.as_ref().map(|e| e.as_str().to_owned())).collect::<Vec<_>>())
-    .bind(round.iter().map(|p| Value::Object(p.traits.clone()).to_string()).collect::<Vec<_>>())
+    .bind(round.iter().map(|p| serde_json::to_string(&p.traits).unwrap_or_else(|_| "{}".into())).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await?;
     Ok(ids.into_iter().collect())
@@ -828,7 +828,7 @@ async fn patch_customers(tx: &mut Tx, now: i64, patches: &[&CustomerPatch]) -> S
     .bind(
         patches
             .iter()
-            .map(|p| Value::Object(p.traits.clone()).to_string())
+            .map(|p| serde_json::to_string(&p.traits).unwrap_or_else(|_| "{}".into()))
             .collect::<Vec<_>>(),
     )
     .execute(&mut **tx)

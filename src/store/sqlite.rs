@@ -21,7 +21,7 @@ use crate::domain::{Customer, CustomerId, CustomerPatch, Email, EngagementModel,
 
 /// Rows per multi-row INSERT (each event binds 5 values; SQLite allows 32766).
 const EVENT_CHUNK: usize = 500;
-/// Customers per existence check.
+/// Customers per existence check and multi-row upsert (9 values each).
 const CUSTOMER_CHUNK: usize = 1_000;
 /// Actions per multi-row INSERT (10 values each).
 const ACTION_CHUNK: usize = 500;
@@ -93,51 +93,69 @@ impl Store for SqliteStore {
         let mut outcomes = Vec::with_capacity(patches.len());
         for chunk in patches.chunks(CUSTOMER_CHUNK) {
             let ids: Vec<&str> = chunk.iter().map(|p| p.id.as_str()).collect();
-            let mut known: HashSet<String> = sqlx::query_scalar(
-                "SELECT id FROM customers WHERE id IN (SELECT value FROM json_each(?))",
+            // Which of them exist (exact: BEGIN IMMEDIATE holds the write
+            // lock). One row comes back, the positions of the stored ids,
+            // not a row per customer: each row is a message between threads.
+            let positions: Option<String> = sqlx::query_scalar(
+                "SELECT json_group_array(j.key) FROM json_each(?) AS j
+                 WHERE EXISTS (SELECT 1 FROM customers WHERE id = j.value)",
             )
             .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
+            .fetch_one(&mut *tx)
+            .await?;
+            let positions: Vec<usize> = serde_json::from_str(positions.as_deref().unwrap_or("[]"))
+                .map_err(|e| corrupt("customers", e.to_string()))?;
+            let mut stored = vec![false; chunk.len()];
+            for i in positions {
+                if let Some(s) = stored.get_mut(i) {
+                    *s = true;
+                }
+            }
             // A file may name the same customer twice; later rows win, and
-            // each row after the first counts as an update.
-            for p in chunk {
-                outcomes.push(if known.insert(p.id.as_str().to_owned()) {
+            // each row after the first counts as an update. SQLite applies
+            // the rows of one INSERT in order, each seeing the ones before.
+            let mut seen: HashSet<&str> = HashSet::with_capacity(chunk.len());
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO customers (id, email, name, created_at, timezone, model, owner, traits, updated_at) ",
+            );
+            qb.push_values(chunk.iter().zip(stored), |mut b, (p, stored)| {
+                let new = !stored && seen.insert(p.id.as_str());
+                outcomes.push(if new {
                     Upsert::Inserted
                 } else {
                     Upsert::Updated
                 });
-            }
-            for p in chunk {
-                // One statement per row keeps "later rows win" simple for
-                // repeated ids; the surrounding transaction keeps it fast.
-                sqlx::query(
-                    "INSERT INTO customers (id, email, name, created_at, timezone, model, owner, traits, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, COALESCE(?6, 'low-touch'), ?7, ?8, ?9)
-                     ON CONFLICT (id) DO UPDATE SET
-                        email = COALESCE(excluded.email, email),
-                        name = COALESCE(excluded.name, name),
-                        created_at = COALESCE(excluded.created_at, created_at),
-                        timezone = COALESCE(excluded.timezone, timezone),
-                        model = COALESCE(?6, model),
-                        owner = COALESCE(excluded.owner, owner),
-                        traits = json_patch(traits, excluded.traits),
-                        updated_at = excluded.updated_at",
-                )
-                .bind(p.id.as_str())
-                .bind(p.email.as_ref().map(Email::as_str))
-                .bind(p.name.as_deref())
-                .bind(p.created_at.map(to_millis))
-                .bind(p.timezone.as_deref())
-                .bind(p.model.map(EngagementModel::as_str))
-                .bind(p.owner.as_ref().map(Email::as_str))
-                .bind(Value::Object(p.traits.clone()).to_string())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
+                // `model` is NOT NULL, and SQLite checks that before it
+                // turns a conflict into an update, so "no model given" on
+                // an existing customer is sent as '' (kept by the update
+                // below); a new customer gets the default instead.
+                let model = match (p.model, new) {
+                    (Some(m), _) => m.as_str(),
+                    (None, true) => EngagementModel::default().as_str(),
+                    (None, false) => "",
+                };
+                b.push_bind(p.id.as_str())
+                    .push_bind(p.email.as_ref().map(Email::as_str))
+                    .push_bind(p.name.as_deref())
+                    .push_bind(p.created_at.map(to_millis))
+                    .push_bind(p.timezone.as_deref())
+                    .push_bind(model)
+                    .push_bind(p.owner.as_ref().map(Email::as_str))
+                    .push_bind(serde_json::to_string(&p.traits).unwrap_or_else(|_| "{}".into()))
+                    .push_bind(now);
+            });
+            qb.push(
+                " ON CONFLICT (id) DO UPDATE SET
+                    email = COALESCE(excluded.email, email),
+                    name = COALESCE(excluded.name, name),
+                    created_at = COALESCE(excluded.created_at, created_at),
+                    timezone = COALESCE(excluded.timezone, timezone),
+                    model = COALESCE(NULLIF(excluded.model, ''), model),
+                    owner = COALESCE(excluded.owner, owner),
+                    traits = json_patch(traits, excluded.traits),
+                    updated_at = excluded.updated_at",
+            );
+            qb.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(outcomes)

@@ -106,6 +106,70 @@ async fn reimporting_customers_updates_them() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_customer_named_twice_in_a_large_file_ends_with_the_later_rows_and_is_counted_once() {
+    // More rows than one statement and than one transaction take, so the
+    // repeats fall in the same statement, in the next batch, and across a
+    // rejected row.
+    const N: usize = 12_000;
+    let app = TestApp::new().await;
+    let mut csv = String::from("id,email,name,model,plan,seats\n");
+    csv.push_str("c00000,first@example.com,First,hybrid,pro,\n"); // line 2
+    csv.push_str("c00000,second@example.com,Second,,,\n"); // line 3: model, plan kept
+    for i in 1..N {
+        csv.push_str(&format!("c{i:05},c{i:05}@example.com,Name {i},,free,\n"));
+        if i == 6_000 {
+            csv.push_str("c00001,not-an-email,Bad,,,\n"); // line 6004: rejected
+        }
+    }
+    csv.push_str("c00000,last@example.com,,,gold,3\n"); // the last line
+    let r = app.import_customers(&csv).await;
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("customers.csv:6004: "), "{}", r.stderr);
+    assert!(
+        r.stdout.contains(&format!(
+            "{N} imported, 2 updated, 0 duplicate, 0 ignored, 1 rejected"
+        )),
+        "{}",
+        r.stdout
+    );
+    let check = |c: engaged::domain::Customer| {
+        assert_eq!(c.email.unwrap().as_str(), "last@example.com");
+        assert_eq!(c.name.as_deref(), Some("Second"), "an empty cell keeps");
+        assert_eq!(c.model.as_str(), "hybrid", "no model given: kept");
+        assert_eq!(c.traits.get("plan"), Some(&json!("gold")));
+        assert_eq!(c.traits.get("seats"), Some(&json!(3)));
+    };
+    let store = app.store().await;
+    let c0 = CustomerId::parse("c00000").unwrap();
+    check(store.customer(&c0).await.unwrap().unwrap());
+    let c1 = store
+        .customer(&CustomerId::parse("c00001").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c1.email.unwrap().as_str(), "c00001@example.com");
+    assert_eq!(
+        c1.model.as_str(),
+        "low-touch",
+        "a new customer gets the default"
+    );
+    assert_eq!(store.customer_count().await.unwrap(), N as u64);
+
+    // The same file again: every good row is an update, nothing changes.
+    let r = app.import_customers(&csv).await;
+    assert!(
+        r.stdout.contains(&format!(
+            "0 imported, {} updated, 0 duplicate, 0 ignored, 1 rejected",
+            N + 2
+        )),
+        "{}",
+        r.stdout
+    );
+    check(store.customer(&c0).await.unwrap().unwrap());
+    assert_eq!(store.customer_count().await.unwrap(), N as u64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_jsonl_lines_are_rejected_and_duplicates_and_early_events_are_handled() {
     let app = TestApp::new().await;
     let good = track("c1", "login", "2026-06-01T10:00:00Z", json!({}));

@@ -1704,7 +1704,9 @@ async fn large_batches_span_several_statements(store: Arc<dyn Store>) {
             ..Default::default()
         })
         .collect();
-    // The same customer at both ends of the batch.
+    // The same customer at both ends of the batch; the repeat names no
+    // model, so the one given first is kept.
+    patches[0].model = Some(EngagementModel::Hybrid);
     patches.push(CustomerPatch {
         id: cid("c00000"),
         name: Some("First".into()),
@@ -1723,6 +1725,9 @@ async fn large_batches_span_several_statements(store: Arc<dyn Store>) {
         first.email.as_ref().map(Email::as_str),
         Some("c00000@example.com")
     );
+    assert_eq!(first.model, EngagementModel::Hybrid);
+    let other = store.customer(&cid("c00001")).await.unwrap().unwrap();
+    assert_eq!(other.model, EngagementModel::LowTouch);
 
     let events: Vec<Event> = (0..N)
         .map(|i| {
