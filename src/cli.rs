@@ -687,6 +687,7 @@ async fn would_do(
         escalation: app.config.escalation.clone(),
         firing: None,
         cancel: None,
+        would_limit: None,
     };
     let summary = pipeline::run(
         Arc::clone(&app.store),
@@ -921,6 +922,8 @@ async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, trigger: &str) -> Res
         escalation: app.config.escalation.clone(),
         firing: None,
         cancel: None,
+        // Enough to read; a dry run over millions must not hold them all.
+        would_limit: Some(1000),
     };
     let summary = pipeline::run(
         Arc::clone(&app.store),
@@ -1065,6 +1068,11 @@ fn print_summary(s: &RunSummary) {
         "{} customers, {} evaluations in {:.2}s",
         s.customers, s.evaluations, s.evaluation_seconds
     );
+    let p = &s.phases;
+    println!(
+        "time: load {:.2}s, evaluate {:.2}s, dedup {:.2}s, policies {:.2}s, commit {:.2}s, deliver {:.2}s",
+        p.load, p.evaluate, p.dedup, p.policies, p.commit, p.deliver
+    );
     println!(
         "{:<20} {:>7} {:>6} {:>5} {:>6} {:>6} {:>5} {:>6} {:>6} {:>6} {:>5} {:>8}",
         "rule",
@@ -1124,8 +1132,9 @@ fn print_summary(s: &RunSummary) {
                 }
             );
         }
-        if s.would.len() > 200 {
-            println!("… {} more", s.would.len() - 200);
+        let total = s.would_total.unwrap_or(s.would.len() as u64);
+        if total > 200 {
+            println!("… {} more", total - 200);
         }
     } else {
         println!(

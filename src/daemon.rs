@@ -300,6 +300,7 @@ impl Daemon {
             escalation: self.config.escalation.clone(),
             firing: Some(firing.clone()),
             cancel: Some(self.stop_runs.clone()),
+            would_limit: None,
         };
         let summary = pipeline::run(
             Arc::clone(&self.store),

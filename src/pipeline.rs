@@ -68,9 +68,27 @@ pub struct RunSummary {
     pub rules: BTreeMap<String, RuleSummary>,
     pub errors: Vec<RuleErrorRecord>,
     pub delivery: DeliveryReport,
-    /// For `--dry-run`: what would happen (capped list).
+    /// For `--dry-run`: what would happen (the first `would_limit` actions).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub would: Vec<WouldDo>,
+    /// For `--dry-run`: how many actions it would take in all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub would_total: Option<u64>,
+    /// Where the run's time went, in seconds (wall time of each phase).
+    pub phases: Phases,
+}
+
+/// Wall time of a run's phases, in seconds. Loading overlaps evaluation
+/// (the next page loads while this one evaluates), so `load` counts only
+/// the time spent waiting for data.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Phases {
+    pub load: f64,
+    pub evaluate: f64,
+    pub dedup: f64,
+    pub policies: f64,
+    pub commit: f64,
+    pub deliver: f64,
 }
 
 /// One line of a dry run.
@@ -111,6 +129,8 @@ pub struct Evaluation {
     pub seconds: f64,
     /// Wall time spent running rules (on all cores), loading excluded.
     pub rule_seconds: f64,
+    /// Wall time spent waiting for data after the rules were done.
+    pub load_seconds: f64,
 }
 
 impl Evaluation {
@@ -119,6 +139,7 @@ impl Evaluation {
         self.customers += other.customers;
         self.evaluations += other.evaluations;
         self.rule_seconds += other.rule_seconds;
+        self.load_seconds += other.load_seconds;
         self.seconds += other.seconds;
         self.outgoing.extend(other.outgoing);
         self.errors.extend(other.errors);
@@ -294,10 +315,12 @@ impl<'a> Pages<'a> {
     /// Evaluates the next page; `None` after the last. Rule errors are
     /// collected, never fatal; a cancelled run stops at once.
     pub async fn next(&mut self) -> Result<Option<EvaluatedPage>, RunError> {
+        let first_load = Instant::now();
         let mut page = match self.loaded.take() {
             Some(page) => page,
             None => load_page(self.store, None, self.now).await?,
         };
+        let first_load = first_load.elapsed().as_secs_f64();
         if self.stopped() {
             return Err(RunError::Cancelled);
         }
@@ -348,6 +371,7 @@ impl<'a> Pages<'a> {
         });
         let started = Instant::now();
         self.loaded = Some(load_page(self.store, Some(&last), self.now).await?);
+        let loading = started.elapsed().as_secs_f64();
         let (results, rule_seconds) = evaluating.await.map_err(|e| StoreError::Corrupt {
             table: "evaluation",
             message: format!("evaluation task failed: {e}"),
@@ -360,6 +384,9 @@ impl<'a> Pages<'a> {
             customers: n,
             evaluations: n * self.selected,
             rule_seconds,
+            // The next page loaded while this one evaluated: only the part
+            // of loading that outlasted the rules was waited for.
+            load_seconds: first_load + (loading - rule_seconds).max(0.0),
             seconds: started.elapsed().as_secs_f64(),
             ..Default::default()
         };
@@ -426,6 +453,9 @@ pub struct RunOptions {
     /// Cancelled by a shutdown: evaluation stops at once (before the
     /// commit, nothing of the run is stored).
     pub cancel: Option<CancellationToken>,
+    /// A dry run keeps this many of its actions in `would` (`None`: all,
+    /// which `plan` needs to compare rule sets); the rest are only counted.
+    pub would_limit: Option<usize>,
 }
 
 /// Why a run did not finish.
@@ -516,7 +546,9 @@ pub async fn run(
         "Run planned; delivering."
     );
     if let Some(d) = deliverer {
+        let started = Instant::now();
         summary.delivery = d.drain(opts.retry_window).await?;
+        summary.phases.deliver = started.elapsed().as_secs_f64();
     }
     let status = if summary.delivery.retrying > 0 {
         "delivered_with_retries_pending"
@@ -598,6 +630,8 @@ async fn plan_in_partitions(
         summary.customers += page.eval.customers;
         summary.evaluations += page.eval.evaluations;
         summary.rule_seconds += page.eval.rule_seconds;
+        summary.phases.load += page.eval.load_seconds;
+        summary.phases.evaluate += page.eval.rule_seconds;
         tally(&page.eval, &mut summary.rules);
         let room = MAX_ERRORS_IN_SUMMARY.saturating_sub(summary.errors.len());
         summary
@@ -675,8 +709,11 @@ async fn plan_partition(
     } = page;
     // Keys already in the ledger: those actions are deduplicated, so only
     // the rest compete for the guard, the cap and the audit trail.
+    let started = Instant::now();
     let keys = action_keys(&eval.outgoing);
     let existing = store.existing_dedup_keys(&keys).await?;
+    summary.phases.dedup += started.elapsed().as_secs_f64();
+    let started = Instant::now();
     // An action asked for twice in one run (send_email in a loop, two rules
     // tagging alike) is one action: only its first request meets the
     // policies (a copy must not eat cap room or repeat a decision); the
@@ -733,8 +770,12 @@ async fn plan_partition(
         Outgoing::Escalation(_) => true,
     }));
     let Some(run_id) = run_id else {
-        return mark_dry_run_duplicates(store, &existing, &eval, summary).await;
+        mark_dry_run_duplicates(store, &existing, &eval, summary, opts.would_limit).await?;
+        summary.phases.policies += started.elapsed().as_secs_f64();
+        return Ok(());
     };
+    summary.phases.policies += started.elapsed().as_secs_f64();
+    let started = Instant::now();
     // What this run says about open escalations: which (customer, rule)
     // pairs escalated again, and which could not be evaluated.
     let escalated: HashSet<(String, String)> = eval
@@ -775,7 +816,9 @@ async fn plan_partition(
     // by this run's (older) evaluation as recovered.
     let open = store.open_escalations_in_id_range(&first, &last).await?;
     let evaluated: HashSet<&str> = summary.rules.keys().map(String::as_str).collect();
-    mark_recovered(store, &open, &evaluated, &escalated, &errored, opts.now).await
+    mark_recovered(store, &open, &evaluated, &escalated, &errored, opts.now).await?;
+    summary.phases.commit += started.elapsed().as_secs_f64();
+    Ok(())
 }
 
 /// Takes out of a plan the actions whose dedup key an earlier action of the
@@ -1230,6 +1273,7 @@ async fn mark_dry_run_duplicates(
     existing: &HashSet<String>,
     eval: &Evaluation,
     summary: &mut RunSummary,
+    limit: Option<usize>,
 ) -> Result<(), StoreError> {
     let pairs = escalation_pairs(&eval.outgoing);
     let open = store.open_escalation_pairs(&pairs).await?;
@@ -1250,6 +1294,10 @@ async fn mark_dry_run_duplicates(
             s.deduplicated += 1;
         } else {
             s.planned += 1;
+        }
+        *summary.would_total.get_or_insert(0) += 1;
+        if limit.is_some_and(|n| summary.would.len() >= n) {
+            continue;
         }
         let (kind, action) = kind_label(o);
         summary.would.push(WouldDo {

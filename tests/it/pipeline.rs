@@ -854,3 +854,40 @@ async fn output_piped_into_a_reader_that_stops_early_ends_quietly() {
         "the rest of the output could not be written: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_lists_its_first_thousand_actions_and_counts_them_all_and_runs_report_their_phases()
+ {
+    let app = TestApp::new().await;
+    for f in std::fs::read_dir(app.path("rules")).unwrap() {
+        let path = f.unwrap().path();
+        if path.is_file() {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    app.write("rules/welcome.rhai", "send_email(\"welcome\");\n");
+    app.write_config("[guard]\nmin_count = 1000000\n");
+    let mut csv = String::from("id,email,created_at\n");
+    for i in 0..1200 {
+        csv.push_str(&format!(
+            "d{i:04},d{i:04}@example.com,2026-06-14T20:00:00Z\n"
+        ));
+    }
+    app.import_customers(&csv).await;
+    let r = app
+        .engaged(&["run", "--dry-run", "--now", crate::helpers::NOW, "--json"])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let s = r.json();
+    assert_eq!(s["would"].as_array().unwrap().len(), 1000);
+    assert_eq!(s["would_total"], 1200);
+    let s = app.run_at(crate::helpers::NOW).await;
+    assert_eq!(s["delivery"]["sent"], 1200);
+    let phases = &s["phases"];
+    for phase in ["load", "evaluate", "dedup", "policies", "commit", "deliver"] {
+        assert!(phases[phase].as_f64().is_some(), "{phase} in {phases}");
+    }
+    assert!(phases["evaluate"].as_f64().unwrap() > 0.0, "{phases}");
+    assert!(phases["commit"].as_f64().unwrap() > 0.0, "{phases}");
+    assert!(phases["deliver"].as_f64().unwrap() > 0.0, "{phases}");
+}
