@@ -797,11 +797,19 @@ async fn runs(
                     "id", "status", "trigger", "evaluated as of"
                 );
                 for r in list {
-                    let held: Vec<String> = r
+                    let mut held: Vec<String> = r
                         .held
                         .iter()
                         .map(|(rule, n)| format!("{rule}: {n}"))
                         .collect();
+                    // A run still planning shows how far it got.
+                    let p = &r.summary["progress"];
+                    if r.status == "planning" && p.is_object() {
+                        held.push(format!(
+                            "{} of {} customers planned",
+                            p["customers"], p["of"]
+                        ));
+                    }
                     println!(
                         "{:>5}  {:<10}  {:<20}  {:<22}  {}",
                         r.id,

@@ -617,6 +617,10 @@ async fn plan_in_partitions(
         },
     };
     let started = Instant::now();
+    let total = match run_id {
+        Some(_) => store.customer_count().await?,
+        None => 0,
+    };
     let mut pages = Pages::new(
         &**store,
         Arc::clone(rules),
@@ -649,6 +653,11 @@ async fn plan_in_partitions(
             started_at,
         )
         .await?;
+        if let Some(id) = run_id {
+            // `engaged runs` shows how far a run got while it goes.
+            let progress = json!({"progress": {"customers": summary.customers, "of": total}});
+            store.record_progress(id, &progress).await?;
+        }
     }
     summary.evaluation_seconds = started.elapsed().as_secs_f64();
     let hold = guard_holds(&counters.reach, summary.customers, &opts.guard);

@@ -452,6 +452,8 @@ pub trait Store: Send + Sync {
         summary: &Value,
         firing: Option<&Firing>,
     ) -> StoreResult<BTreeMap<String, usize>>;
+    /// Records how far a run still planning got (its summary meanwhile).
+    async fn record_progress(&self, run_id: i64, progress: &Value) -> StoreResult<()>;
     /// Runs still `planning` whose planner is gone (call under the planner
     /// lock): their staged emails are deleted (never sent, so their keys are
     /// free for the next run to plan again) and they are marked `abandoned`.

@@ -1081,6 +1081,15 @@ impl Store for PostgresStore {
         Ok(held)
     }
 
+    async fn record_progress(&self, run_id: i64, progress: &Value) -> StoreResult<()> {
+        sqlx::query("UPDATE runs SET summary = $1 WHERE id = $2 AND status = 'planning'")
+            .bind(progress.to_string())
+            .bind(run_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn abandon_unfinished_runs(&self, at: DateTime<Utc>) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(

@@ -2141,6 +2141,14 @@ async fn a_run_planned_in_partitions_stages_its_emails_until_its_guard_decision(
         .unwrap();
     assert_eq!(tags.len(), 1);
 
+    // While it plans, the run shows how far it got.
+    store
+        .record_progress(run, &json!({"progress": {"customers": 2, "of": 4}}))
+        .await
+        .unwrap();
+    let record = &store.runs(10).await.unwrap()[0];
+    assert_eq!(record.summary["progress"]["customers"], 2);
+    assert_eq!(record.summary["progress"]["of"], 4);
     // The guard holds `promo`; `welcome` is released.
     let hold = BTreeMap::from([("promo".to_owned(), "held by the guard".to_owned())]);
     let held = store
@@ -2156,6 +2164,7 @@ async fn a_run_planned_in_partitions_stages_its_emails_until_its_guard_decision(
     assert_eq!(subjects, ["c1 welcome", "c2 welcome"]);
     let record = &store.runs(10).await.unwrap()[0];
     assert_eq!(record.status, "held");
+    assert_eq!(record.summary, json!({"customers": 2}), "the final summary");
     assert_eq!(record.held.get("promo"), Some(&2));
     // A finished run takes no more partitions and is not finished twice.
     let mut late = plan(t0(), vec![email("c3", "welcome", "welcome")]);
