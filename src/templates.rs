@@ -17,20 +17,35 @@
 //!
 //! Every error names the file's own line and column: the subject template
 //! lives on its front-matter line, the body starts after the front matter.
+//!
+//! Lists are built eagerly and bounded (`MAX_LIST_ITEMS`): MiniJinja 3.1
+//! joins lists with `+` and repeats them with `*` lazily and charges no fuel
+//! for that, so a loop doubling a list forty times made 2^40 items out of
+//! nothing, and at the 33rd nesting MiniJinja flattens them itself inside one
+//! instruction, unfuelled: the render never ended and memory grew without
+//! bound. Each render therefore runs a copy of the compiled template whose
+//! `+` and `*` call [`guarded_add`] and [`guarded_mul`] (see [`guarded`]),
+//! and the `chain` filter is replaced the same way.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use minijinja::machinery::Instruction;
-use minijinja::{Environment, UndefinedBehavior};
+use minijinja::machinery::{Instruction, Instructions};
+use minijinja::value::{Rest, ValueKind};
+use minijinja::{AutoEscape, Environment, ErrorKind, State, UndefinedBehavior};
 use serde_json::Value;
 
 /// Fuel for one render (MiniJinja instructions); generous for real emails.
 const RENDER_FUEL: u64 = 500_000;
 /// Largest rendered body we send.
 const MAX_RENDERED_BYTES: usize = 1024 * 1024;
+/// Longest list a template may build with `+`, `*` or `|chain`.
+const MAX_LIST_ITEMS: usize = 10_000;
+/// The functions `+` and `*` are rewritten to call (see [`guarded`]).
+const GUARDED_ADD: &str = "__engaged_add";
+const GUARDED_MUL: &str = "__engaged_mul";
 
 /// MiniJinja's built-in filters and tests (3.1), the names an unknown one is
 /// compared with for a "did you mean". MiniJinja cannot list what an
@@ -532,6 +547,229 @@ fn find_use(source: &str, line: usize, name: &str) -> Option<(usize, usize)> {
     None
 }
 
+/// Stack of a render thread. MiniJinja drops, prints and compares values
+/// by recursion, a few frames per level, and a template can nest lists in a
+/// loop (`{% set ns.l = [ns.l] %}`) as deep as its fuel allows (a level
+/// costs at least about one and a half fuel: some 300,000 levels). Measured
+/// for that worst case: about 40 MB of stack in a release build and 175 MB
+/// in a debug build; an 8 MiB stack overflowed and aborted the process. The
+/// memory is reserved, not used, until a template nests that deep.
+const RENDER_STACK: usize = 256 << 20;
+
+/// The threads renders run on (None if they could not be started; renders
+/// then run on the caller's thread).
+fn render_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .stack_size(RENDER_STACK)
+            .thread_name(|i| format!("engaged-render-{i}"))
+            .build()
+            .inspect_err(|e| {
+                tracing::warn!("could not start the render threads, rendering inline: {e}")
+            })
+            .ok()
+    })
+    .as_ref()
+}
+
+/// A copy of compiled instructions in which `+` and `*` call the guarded
+/// operators. Each instruction is replaced one for one (`Add` pops two
+/// values and pushes one, like a call with two arguments), so every jump
+/// target and every location stays as it was.
+fn guarded<'s>(original: &Instructions<'s>) -> Instructions<'s> {
+    let mut copy = Instructions::new(original.name(), original.source());
+    let mut idx = 0;
+    while let Some(instruction) = original.get(idx) {
+        let instruction = match instruction {
+            Instruction::Add => Instruction::CallFunction(GUARDED_ADD, Some(2)),
+            Instruction::Mul => Instruction::CallFunction(GUARDED_MUL, Some(2)),
+            other => other.clone(),
+        };
+        match (original.get_span(idx), original.get_line(idx)) {
+            (Some(span), _) => copy.add_with_span(instruction, span),
+            (None, Some(line)) => {
+                copy.add_with_line(instruction, u16::try_from(line).unwrap_or(u16::MAX))
+            }
+            (None, None) => copy.add(instruction),
+        };
+        idx += 1;
+    }
+    copy
+}
+
+fn is_list(v: &minijinja::Value) -> bool {
+    matches!(v.kind(), ValueKind::Seq | ValueKind::Iterable)
+}
+
+fn list_too_long() -> minijinja::Error {
+    minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        format!(
+            "a list would grow past {MAX_LIST_ITEMS} items (lists joined with `+`, repeated with `*` or chained); emails need far fewer"
+        ),
+    )
+}
+
+/// The items of `parts`, one after another, as one list of at most
+/// `MAX_LIST_ITEMS` items.
+fn bounded_list<'a>(
+    parts: impl IntoIterator<Item = (&'a minijinja::Value, usize)>,
+) -> Result<minijinja::Value, minijinja::Error> {
+    let mut items = Vec::new();
+    for (part, times) in parts {
+        if part
+            .len()
+            .is_some_and(|n| n.saturating_mul(times) > MAX_LIST_ITEMS)
+        {
+            return Err(list_too_long());
+        }
+        for _ in 0..times {
+            for item in part.try_iter()? {
+                if items.len() == MAX_LIST_ITEMS {
+                    return Err(list_too_long());
+                }
+                items.push(item);
+            }
+        }
+    }
+    Ok(minijinja::Value::from(items))
+}
+
+/// MiniJinja's own `a OP b`, for everything but lists.
+fn plain_op(
+    state: &State,
+    op: &str,
+    a: minijinja::Value,
+    b: minijinja::Value,
+) -> Result<minijinja::Value, minijinja::Error> {
+    // Like MiniJinja's `+` in an auto-escaped template: a plain string
+    // joined to a safe one is escaped.
+    if op == "+"
+        && a.kind() == ValueKind::String
+        && b.kind() == ValueKind::String
+        && a.is_safe() != b.is_safe()
+        && matches!(state.auto_escape(), AutoEscape::Html)
+    {
+        let part = |v: &minijinja::Value| {
+            let s = v.as_str().unwrap_or_default();
+            if v.is_safe() {
+                s.to_owned()
+            } else {
+                minijinja::HtmlEscape(s).to_string()
+            }
+        };
+        return Ok(minijinja::Value::from_safe_string(
+            part(&a) + part(&b).as_str(),
+        ));
+    }
+    state
+        .env()
+        .compile_expression(&format!("a {op} b"))?
+        .eval(minijinja::context! { a, b })
+}
+
+/// `a + b`: lists are joined eagerly, up to `MAX_LIST_ITEMS`.
+fn guarded_add(
+    state: &State,
+    a: minijinja::Value,
+    b: minijinja::Value,
+) -> Result<minijinja::Value, minijinja::Error> {
+    if is_list(&a) && is_list(&b) {
+        bounded_list([(&a, 1), (&b, 1)])
+    } else {
+        plain_op(state, "+", a, b)
+    }
+}
+
+/// `a * b`: a list repeated eagerly, up to `MAX_LIST_ITEMS`.
+fn guarded_mul(
+    state: &State,
+    a: minijinja::Value,
+    b: minijinja::Value,
+) -> Result<minijinja::Value, minijinja::Error> {
+    let (list, times) = match (is_list(&a), is_list(&b)) {
+        (true, false) => (&a, &b),
+        (false, true) => (&b, &a),
+        _ => return plain_op(state, "*", a, b),
+    };
+    match times.as_usize() {
+        Some(n) => bounded_list([(list, n)]),
+        None => plain_op(state, "*", a, b),
+    }
+}
+
+/// `|chain`: like MiniJinja's, but built eagerly and bounded (MiniJinja's
+/// chains lazily, and a doubled chain of maps is searched exponentially).
+fn chain(
+    value: minijinja::Value,
+    others: Rest<minijinja::Value>,
+) -> Result<minijinja::Value, minijinja::Error> {
+    let all: Vec<&minijinja::Value> = std::iter::once(&value).chain(others.iter()).collect();
+    if all.iter().all(|v| v.kind() == ValueKind::Map) {
+        // Later maps win, as in MiniJinja.
+        let mut merged = BTreeMap::new();
+        for map in all {
+            for key in map.try_iter()? {
+                if merged.len() == MAX_LIST_ITEMS && !merged.contains_key(&key) {
+                    return Err(list_too_long());
+                }
+                let item = map.get_item(&key)?;
+                merged.insert(key, item);
+            }
+        }
+        Ok(minijinja::Value::from(merged))
+    } else {
+        bounded_list(all.into_iter().map(|v| (v, 1)))
+    }
+}
+
+/// Tags that bring in another template, which would render outside the
+/// guarded copy (see [`guarded`]); an email is one file.
+fn other_templates(
+    env: &Environment<'static>,
+    key: &str,
+    src: &Source,
+    part: Part,
+) -> Vec<TemplateError> {
+    let Ok(template) = env.get_template(key) else {
+        return Vec::new();
+    };
+    let compiled = minijinja::machinery::get_compiled_template(&template);
+    let mut errors: Vec<TemplateError> = Vec::new();
+    for instructions in std::iter::once(&compiled.instructions).chain(compiled.blocks.values()) {
+        let mut idx = 0;
+        while let Some(instruction) = instructions.get(idx) {
+            if matches!(
+                instruction,
+                Instruction::Include(..) | Instruction::LoadBlocks
+            ) {
+                let (line, col) = match instructions.get_span(idx) {
+                    Some(span) => (
+                        usize::from(span.start_line),
+                        Some(usize::from(span.start_col) + 1),
+                    ),
+                    None => (instructions.get_line(idx).unwrap_or(1), None),
+                };
+                let e = src.error(
+                    part,
+                    line,
+                    col,
+                    "include, import and extends are not supported: an email template is one file"
+                        .into(),
+                );
+                if !errors.contains(&e) {
+                    errors.push(e);
+                }
+            }
+            idx += 1;
+        }
+    }
+    errors
+}
+
 impl Templates {
     /// Loads and compiles every template in `dir`. Templates with errors are
     /// left out and reported; the others are usable.
@@ -539,6 +777,9 @@ impl Templates {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
         env.set_fuel(Some(RENDER_FUEL));
+        env.add_function(GUARDED_ADD, guarded_add);
+        env.add_function(GUARDED_MUL, guarded_mul);
+        env.add_filter("chain", chain);
         // Emails are line-oriented: keep the final newline, and let block
         // tags (`{% if %}` on a line of their own) leave no blank lines.
         if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
@@ -625,8 +866,16 @@ impl Templates {
         }
     }
 
-    /// Renders `name` with `context` (a JSON object).
+    /// Renders `name` with `context` (a JSON object), on a render thread
+    /// (see [`render_pool`]).
     pub fn render(&self, name: &str, context: &Value) -> Result<RenderedEmail, RenderError> {
+        match render_pool() {
+            Some(pool) => pool.install(|| self.render_here(name, context)),
+            None => self.render_here(name, context),
+        }
+    }
+
+    fn render_here(&self, name: &str, context: &Value) -> Result<RenderedEmail, RenderError> {
         let entry = self.sources.get(name).ok_or_else(|| RenderError {
             diagnostic: err(
                 Path::new(&format!("templates/{name}.txt")),
@@ -642,7 +891,23 @@ impl Templates {
                 .env
                 .get_template(&key)
                 .map_err(|e| src.render_error(minijinja_error(&e, src, part, "")))?;
-            let out = t.render(ctx.clone()).map_err(|e| {
+            let compiled = minijinja::machinery::get_compiled_template(&t);
+            let instructions = guarded(&compiled.instructions);
+            let blocks: BTreeMap<&str, Instructions<'_>> = compiled
+                .blocks
+                .iter()
+                .map(|(name, block)| (*name, guarded(block)))
+                .collect();
+            let mut out = String::with_capacity(compiled.buffer_size_hint);
+            minijinja::machinery::eval(
+                &self.env,
+                &instructions,
+                ctx.clone(),
+                &blocks,
+                &mut minijinja::machinery::make_string_output(&mut out),
+                compiled.initial_auto_escape.clone(),
+            )
+            .map_err(|e| {
                 // An error raised inside another template (an include) is
                 // located there.
                 let elsewhere = e
@@ -766,7 +1031,11 @@ fn load_one(
     }
     let errors: Vec<TemplateError> = parts
         .iter()
-        .flat_map(|(key, _, src, part)| unknown_filters_and_tests(env, key, src, *part, known))
+        .flat_map(|(key, _, src, part)| {
+            let mut errors = unknown_filters_and_tests(env, key, src, *part, known);
+            errors.extend(other_templates(env, key, src, *part));
+            errors
+        })
         .collect();
     if errors.is_empty() {
         Ok(Entry {
@@ -1019,5 +1288,106 @@ mod tests {
             text[1].ends_with("m.txt:7:10: unknown test \"evn\"; did you mean \"even\"?"),
             "{text:#?}"
         );
+    }
+
+    #[test]
+    fn a_list_doubled_forty_times_fails_at_the_plus_with_its_line() {
+        let d = dir_with(&[(
+            "d.txt",
+            "---\nsubject: x\n---\nHello\n{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}\n",
+        )]);
+        let (t, errors) = Templates::load(d.path());
+        assert!(errors.is_empty(), "{errors:?}");
+        let e = t.render("d", &json!({})).unwrap_err().to_string();
+        assert!(e.contains("d.txt:5:"), "{e}");
+        assert!(
+            e.contains(&format!("a list would grow past {MAX_LIST_ITEMS} items")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn repeating_or_chaining_lists_past_the_limit_fails_too() {
+        let d = dir_with(&[
+            (
+                "m.txt",
+                "---\nsubject: x\n---\n{{ ([1] * 1000000000000)|length }}\n",
+            ),
+            (
+                "c.txt",
+                "---\nsubject: x\n---\n{% set ns = namespace(m={'a': 1}, l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l|chain(ns.l) %}{% endfor %}\n",
+            ),
+        ]);
+        let (t, errors) = Templates::load(d.path());
+        assert!(errors.is_empty(), "{errors:?}");
+        for name in ["m", "c"] {
+            let e = t.render(name, &json!({})).unwrap_err().to_string();
+            assert!(e.contains(&format!("{name}.txt:4:")), "{e}");
+            assert!(e.contains("a list would grow past"), "{e}");
+        }
+    }
+
+    #[test]
+    fn plus_and_times_keep_their_meaning_for_numbers_strings_and_small_lists() {
+        let d = dir_with(&[
+            (
+                "ops.txt",
+                "---\nsubject: x\n---\n{{ 1 + 2 }} {{ 2 * 3 }} {{ 1.5 + 1 }} {{ 'a' + 'b' }} {{ '-' * 3 }} {{ [1] + [2] }} {{ [0] * 3 }} {{ ([1]|chain([2], [3]))|length }} {{ n + 1 }}\n",
+            ),
+            ("ops.html", "<p>{{ ('<b>'|safe) + name }}</p>\n"),
+        ]);
+        let (t, errors) = Templates::load(d.path());
+        assert!(errors.is_empty(), "{errors:?}");
+        let r = t.render("ops", &json!({"n": 41, "name": "<Ana>"})).unwrap();
+        assert_eq!(r.text, "3 6 2.5 ab --- [1, 2] [0, 0, 0] 3 42\n");
+        // A plain string joined to a safe one is escaped, as in MiniJinja.
+        assert_eq!(r.html.unwrap(), "<p><b>&lt;Ana&gt;</p>\n");
+    }
+
+    #[test]
+    fn lists_nested_as_deep_as_fuel_allows_do_not_overflow_the_stack() {
+        // Each round wraps the list in 40 more; this runs out of fuel some
+        // 300,000 levels deep, and the value is dropped on a render thread.
+        let nest = format!("{}ns.l{}", "[".repeat(40), "]".repeat(40));
+        let d = dir_with(&[(
+            "n.txt",
+            &format!(
+                "---\nsubject: x\n---\n{{% set ns = namespace(l=1) %}}{{% for i in range(10000) %}}{{% set ns.l = {nest} %}}{{% endfor %}}\n"
+            ),
+        )]);
+        let (t, errors) = Templates::load(d.path());
+        assert!(errors.is_empty(), "{errors:?}");
+        // On a thread with a small stack, as tokio's are.
+        let e = std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .stack_size(1 << 20)
+                .spawn_scoped(s, || t.render("n", &json!({})))
+                .unwrap()
+                .join()
+                .unwrap()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("fuel"), "{e}");
+    }
+
+    #[test]
+    fn include_import_and_extends_are_load_errors() {
+        let d = dir_with(&[
+            ("a.txt", "---\nsubject: x\n---\nHi\n"),
+            ("b.txt", "---\nsubject: x\n---\nHi\n{% include 'a.txt' %}\n"),
+            ("c.txt", "---\nsubject: x\n---\n{% extends 'a.txt' %}\n"),
+            ("d.txt", "---\nsubject: x\n---\n{% import 'a.txt' as a %}\n"),
+        ]);
+        let (t, errors) = Templates::load(d.path());
+        let shown: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        for at in ["b.txt:5:4: ", "c.txt:4:", "d.txt:4:4: "] {
+            assert!(
+                shown.iter().any(|e| e.contains(at)
+                    && e.contains("include, import and extends are not supported")),
+                "{at} in {shown:?}"
+            );
+        }
+        assert_eq!(t.names(), HashSet::from(["a".to_owned()]));
     }
 }

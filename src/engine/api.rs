@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use rhai::{Dynamic, Engine, EvalAltResult, Map};
 
-use super::value::{Timestamp, dynamic_to_json, json_to_dynamic};
+use super::value::{ShapeError, Timestamp, dynamic_to_json, json_to_dynamic};
 use super::with_context;
 use crate::plan::ActionRequest;
 
@@ -146,7 +146,7 @@ pub(super) fn register(engine: &mut Engine, known: super::Known) {
             )
             .into());
         }
-        let payload = dynamic_to_json(&payload);
+        let payload = dynamic_to_json(&payload).map_err(|e| too_nested("webhook payload", e))?;
         with_context(|c| {
             c.planned.push(ActionRequest::Webhook {
                 name: name.to_owned(),
@@ -155,6 +155,11 @@ pub(super) fn register(engine: &mut Engine, known: super::Known) {
             Ok(())
         })
     });
+}
+
+/// The error for a payload that cannot become JSON.
+fn too_nested(what: &str, e: ShapeError) -> Box<EvalAltResult> {
+    format!("{what}: {e}; send flat data").into()
 }
 
 fn send_email(known: Option<&HashSet<String>>, template: &str, vars: Map) -> Fallible<()> {
@@ -173,7 +178,9 @@ fn send_email(known: Option<&HashSet<String>>, template: &str, vars: Map) -> Fal
         )
         .into());
     }
-    let vars = match dynamic_to_json(&Dynamic::from_map(vars)) {
+    let vars =
+        dynamic_to_json(&Dynamic::from_map(vars)).map_err(|e| too_nested("send_email vars", e))?;
+    let vars = match vars {
         serde_json::Value::Object(m) => m,
         _ => serde_json::Map::new(),
     };

@@ -8,6 +8,7 @@
 //! customer-rule pair at a time per thread.
 
 mod api;
+mod budget;
 mod value;
 
 use std::cell::RefCell;
@@ -15,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rhai::{AST, Dynamic, Engine, EvalAltResult, Position, Scope};
@@ -22,7 +24,7 @@ use rhai::{AST, Dynamic, Engine, EvalAltResult, Position, Scope};
 use crate::facts::Facts;
 use crate::plan::{ActionRequest, PlannedAction};
 
-pub use value::{Timestamp, dynamic_to_json, json_to_dynamic};
+pub use value::{ShapeError, Timestamp, dynamic_to_json, json_to_dynamic};
 
 /// Limits that stop a runaway rule in milliseconds.
 pub const MAX_OPERATIONS: u64 = 200_000;
@@ -30,6 +32,31 @@ pub const MAX_CALL_LEVELS: usize = 32;
 pub const MAX_STRING_SIZE: usize = 64 * 1024;
 pub const MAX_ARRAY_SIZE: usize = 10_000;
 pub const MAX_MAP_SIZE: usize = 10_000;
+/// How deep a rule's values may nest arrays, maps and curried functions:
+/// Rhai clones, drops, compares and prints values by recursion, so a value
+/// nested 10,000 deep overflows the stack and aborts the whole process.
+pub const MAX_DEPTH: usize = 64;
+/// How many items (array items, map entries, curried arguments) one value
+/// may hold, counted through every level.
+pub const MAX_ITEMS: usize = MAX_ARRAY_SIZE + MAX_MAP_SIZE;
+/// CPU time one evaluation (one rule for one customer) may use: one
+/// operation can be container-sized, so the operation limit alone lets a
+/// rule take seconds. 50 ms in release builds; unoptimised (debug) builds
+/// run Rhai about ten times slower and get 400 ms, so that there too the
+/// operation limit, not the clock, stops a plain endless loop.
+pub const CPU_BUDGET: Duration = if cfg!(debug_assertions) {
+    Duration::from_millis(400)
+} else {
+    Duration::from_millis(50)
+};
+/// Evaluations are timed from this many operations on (ordinary rules
+/// finish long before and never read a clock), or from the first access to
+/// a value of [`BIG_VALUE_ITEMS`] items, whichever comes first …
+const BUDGET_FROM_OPS: u64 = 256;
+/// … and checked every this many operations after that …
+const BUDGET_EVERY_OPS: u64 = 64;
+/// … and at every access to a value this large.
+const BIG_VALUE_ITEMS: usize = 1_000;
 
 /// A located error in a rule: `FILE:LINE:COL: message`.
 pub type RuleError = crate::diagnostic::Diagnostic;
@@ -103,6 +130,8 @@ struct EvalContext {
     planned: Vec<ActionRequest>,
     /// When explaining: every fact the rule read, as `count("login", 7) = 0`.
     reads: Option<Vec<String>>,
+    /// The CPU-time budget, once this evaluation is being timed.
+    budget: Option<budget::Budget>,
 }
 
 impl EvalContext {
@@ -130,6 +159,7 @@ impl ContextGuard {
                 rule: rule.to_owned(),
                 planned: Vec::new(),
                 reads: trace.then(Vec::new),
+                budget: None,
             })
         });
         Self
@@ -168,6 +198,34 @@ fn with_context<R>(
         Some(ctx) => f(ctx),
         None => Err("rule functions can only be called while a rule is evaluated".into()),
     })
+}
+
+/// Starts timing this evaluation, or checks its budget: the error message
+/// once the budget is spent.
+fn spend_budget() -> Option<String> {
+    CONTEXT.with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        let ctx = c.as_mut()?;
+        match &mut ctx.budget {
+            None => {
+                ctx.budget = Some(budget::Budget::start(CPU_BUDGET));
+                None
+            }
+            Some(b) => b.exceeded().map(|used| {
+                format!(
+                    "this rule used more than {} ms of CPU time for customer {} ({} ms); a rule runs once per customer, so its work must stay small: look for a loop over a large array or map, or a search through one inside a loop",
+                    CPU_BUDGET.as_millis(),
+                    ctx.facts.customer.id,
+                    used.as_millis()
+                )
+            }),
+        }
+    })
+}
+
+/// An error a rule cannot catch (`try … catch` would let it run on).
+fn uncatchable(message: String) -> Box<EvalAltResult> {
+    EvalAltResult::ErrorTerminated(Dynamic::from(message), Position::NONE).into()
 }
 
 /// All rules of a directory, compiled with one engine.
@@ -237,6 +295,9 @@ pub fn build_engine(known: Known) -> Engine {
     engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
     engine.disable_symbol("eval");
     engine.disable_symbol("import");
+    // Methods mutate `this` in place without naming a variable, which would
+    // let a value nest deeper past the check on variable access (below).
+    engine.disable_symbol("this");
     engine.on_print(|s| {
         let (rule, customer) = current_names();
         tracing::info!(rule, customer, "rule printed: {s}");
@@ -260,23 +321,46 @@ pub fn build_engine(known: Known) -> Engine {
     // a key is added by index (`m[k] = v`), so a loop could grow a map far
     // past the limit. Every variable access checks the maps and arrays the
     // script holds in scope; the error points at the access.
+    //
+    // The same access checks how deep the value nests and how many items it
+    // holds in all (`value::check_shape`). Values only grow by being built
+    // from values read from variables, so no value gets deeper than
+    // MAX_DEPTH plus what one expression adds, and no recursion in Rhai or
+    // here can overflow the stack. The walk also makes container-sized work
+    // count towards the CPU budget as soon as it happens.
     // Rhai marks `on_var` deprecated only to say its signature may change.
     #[allow(deprecated)]
     engine.on_var(|name, _, context| {
-        if let Some(value) = context.scope().get(name) {
-            if value.is_map()
-                && value
-                    .read_lock::<rhai::Map>()
-                    .is_some_and(|m| m.len() > MAX_MAP_SIZE)
-            {
-                return Err(EvalAltResult::ErrorDataTooLarge(
-                    "Size of object map".into(),
-                    Position::NONE,
-                )
-                .into());
-            }
+        let Some(value) = context.scope().get(name) else {
+            return Ok(None);
+        };
+        if value.is_map()
+            && value
+                .read_lock::<rhai::Map>()
+                .is_some_and(|m| m.len() > MAX_MAP_SIZE)
+        {
+            return Err(EvalAltResult::ErrorDataTooLarge(
+                "Size of object map".into(),
+                Position::NONE,
+            )
+            .into());
         }
-        Ok(None)
+        match value::check_shape(value) {
+            Ok(items) if items >= BIG_VALUE_ITEMS => match spend_budget() {
+                Some(message) => Err(uncatchable(message)),
+                None => Ok(None),
+            },
+            Ok(_) => Ok(None),
+            Err(e) => Err(uncatchable(format!(
+                "`{name}` holds {e}; keep rule data small and flat"
+            ))),
+        }
+    });
+    engine.on_progress(|ops| {
+        if ops < BUDGET_FROM_OPS || ops % BUDGET_EVERY_OPS != 0 {
+            return None;
+        }
+        spend_budget().map(Dynamic::from)
     });
     register_comparison_guards(&mut engine);
     value::register_timestamp(&mut engine);
@@ -717,6 +801,42 @@ fn unknown_event_properties(path: &Path, ast: &AST) -> Vec<RuleError> {
     errors
 }
 
+/// Closures that capture variables. Rhai shares a captured variable between
+/// the closure and its scope (behind a lock), which lets a rule tie values
+/// into cycles that are never freed (memory that outlives the evaluation)
+/// and stall on its own lock (Rhai waits 50 ms per attempt, time no CPU
+/// budget sees). Closures that take everything as parameters are fine.
+fn captures(path: &Path, ast: &AST) -> Vec<RuleError> {
+    let mut errors = Vec::new();
+    ast.walk(&mut |nodes: &[rhai::ASTNode]| {
+        if let Some(rhai::ASTNode::Stmt(rhai::Stmt::Share(vars))) = nodes.last()
+            && let Some((first, _)) = vars.first()
+        {
+            let names: Vec<String> = vars.iter().map(|(v, _)| format!("`{}`", v.name)).collect();
+            let name = &first.name;
+            errors.push(located(
+                path,
+                first.pos,
+                format!(
+                    "this closure captures {}; closures in rules cannot capture variables (a captured variable is shared, and shared values can form cycles that are never freed); pass it in as a parameter instead: `(|{name}, x| …).curry({name})`",
+                    names.join(", ")
+                ),
+            ));
+        }
+        true
+    });
+    errors
+}
+
+/// Rhai's parse error, with a hint where ours says more.
+fn compile_message(message: String) -> String {
+    if message.contains("'this' is disabled") {
+        "`this` is not available in rules (a method changing `this` in place would slip past the nesting limit); write a function that takes the value and returns the new one".to_owned()
+    } else {
+        message
+    }
+}
+
 fn compile(engine: &Engine, path: &Path, source: &str) -> Result<Rule, RuleError> {
     let id = path
         .file_stem()
@@ -724,8 +844,9 @@ fn compile(engine: &Engine, path: &Path, source: &str) -> Result<Rule, RuleError
         .unwrap_or_default();
     let ast = engine
         .compile_with_scope(&base_scope(), source)
-        .map_err(|e| located(path, e.1, e.0.to_string()))?;
+        .map_err(|e| located(path, e.1, compile_message(e.0.to_string())))?;
     let mut problems = unknown_calls(engine, path, &ast);
+    problems.extend(captures(path, &ast));
     problems.extend(unknown_event_properties(path, &ast));
     if let Some(first) = problems.into_iter().min_by_key(|e| (e.line, e.col)) {
         return Err(first);
@@ -771,6 +892,8 @@ fn runtime_error(
             format!("calls nested deeper than {MAX_CALL_LEVELS} levels (endless recursion?)")
         }
         EvalAltResult::ErrorRuntime(value, _) => value.to_string(),
+        // Raised by the hooks in `build_engine` with their message.
+        EvalAltResult::ErrorTerminated(message, _) => message.to_string(),
         EvalAltResult::ErrorDotExpr(what, _) if what.contains("Timestamp") => format!(
             "{}; a Timestamp has .year .month .day .hour .minute .weekday .unix",
             strip_position(what)
@@ -809,4 +932,162 @@ fn strip_position(s: &str) -> String {
 /// Evaluation time helper for callers building facts.
 pub fn now_value(now: DateTime<Utc>) -> Dynamic {
     Dynamic::from(Timestamp(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Customer, CustomerId, EngagementModel};
+
+    fn facts() -> Arc<Facts> {
+        let now = DateTime::parse_from_rfc3339("2026-06-15T02:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let customer = Customer {
+            id: CustomerId::parse("c1").unwrap(),
+            email: None,
+            name: None,
+            created_at: Some(now),
+            timezone: None,
+            model: EngagementModel::LowTouch,
+            owner: None,
+            traits: serde_json::Map::new(),
+        };
+        Arc::new(Facts::new(customer, vec![], vec![], now))
+    }
+
+    /// Evaluates one rule for one customer: its actions, or its error.
+    fn run(src: &str) -> Result<Vec<PlannedAction>, String> {
+        let rules = RuleSet::from_sources(&[("r", src)], Known::default())
+            .map_err(|e| format!("compile: {e}"))?;
+        rules
+            .evaluate_all(&facts())
+            .remove(0)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_map_nested_past_the_depth_limit_fails_the_rule_where_it_is_read() {
+        let e = run("let m = #{};\nfor i in 0..10000 {\n  m = #{ inner: m };\n}\n").unwrap_err();
+        assert!(
+            e.starts_with("rules/r.rhai:3:17: `m` holds arrays, maps or functions nested more than 64 levels deep"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_value_at_the_depth_limit_is_fine() {
+        // 63 wraps of a map make 64 levels: the limit, not past it.
+        let src = "let m = #{};\nfor i in 0..63 { m = [m]; }\nlet n = m;\nsend_email(\"x\", #{ ok: true });\n";
+        assert_eq!(run(src).map(|a| a.len()), Ok(1));
+    }
+
+    #[test]
+    fn nesting_through_a_function_is_caught_on_its_parameter() {
+        let src = "fn wrap(x, n) { if n == 0 { x } else { wrap([x], n - 1) } }\nlet m = [];\nfor i in 0..100 { m = wrap(m, 30); }\n";
+        let e = run(src).unwrap_err();
+        // Located at the call that the failing parameter read is inside.
+        assert!(
+            e.starts_with("rules/r.rhai:3:23: `x` holds arrays, maps or functions nested"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn curried_functions_inside_each_other_count_as_nesting() {
+        let src = "let f = |x| x;\nfor i in 0..10000 {\n  f = (|g, x| g.call(x)).curry(f);\n}\nf.call(1);\n";
+        let e = run(src).unwrap_err();
+        assert!(e.starts_with("rules/r.rhai:3:"), "{e}");
+        assert!(
+            e.contains("`f` holds arrays, maps or functions nested"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn curried_arguments_count_towards_the_item_limit() {
+        // Curried arguments are copies: two of a 10,000-item array are
+        // more than one value may hold.
+        let src = "let a = [];\na.pad(10000, 0);\nlet f = |x, y, z| x;\nf = f.curry(a).curry(a);\nf.call(1);\n";
+        let e = run(src).unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "rules/r.rhai:5:1: `f` holds more than {MAX_ITEMS} items in all"
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_depth_limit_cannot_be_caught_with_try() {
+        let src = "let m = #{};\nloop {\n  try { m = #{ inner: m }; } catch { }\n}\n";
+        let e = run(src).unwrap_err();
+        assert!(e.contains("nested more than 64 levels deep"), "{e}");
+    }
+
+    #[test]
+    fn send_email_vars_deeper_than_the_limit_fail_the_call() {
+        // The map read from `m` is within the limit; the vars wrap it once more.
+        let src = "let m = 1;\nfor i in 0..64 { m = [m]; }\nsend_email(\"x\", #{ m: m });\n";
+        let e = run(src).unwrap_err();
+        assert!(
+            e.starts_with("rules/r.rhai:3:1: send_email vars: arrays, maps or functions nested more than 64 levels deep"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_closure_that_captures_a_variable_does_not_compile_and_says_what_to_do() {
+        let e = run("let f = || 1;\nfor i in 0..10 { let g = f; f = || g.call(); }\n").unwrap_err();
+        assert!(
+            e.starts_with("compile: rules/r.rhai:2:36: this closure captures `g`; closures in rules cannot capture variables"),
+            "{e}"
+        );
+        assert!(e.contains("`(|g, x| …).curry(g)`"), "{e}");
+    }
+
+    #[test]
+    fn closures_that_take_their_values_as_parameters_still_work() {
+        let src = "let limit = 3;\nlet big = [1, 5, 7].filter((|limit, x| x > limit).curry(limit));\nif big == [5, 7] { send_email(\"x\"); }\n";
+        assert_eq!(run(src).map(|a| a.len()), Ok(1));
+    }
+
+    #[test]
+    fn methods_on_this_are_not_available() {
+        let e =
+            run("fn grow() { this.x = [this.x]; }\nlet m = #{ x: 1 };\nm.grow();\n").unwrap_err();
+        assert!(
+            e.starts_with("compile: rules/r.rhai:1:13: `this` is not available in rules"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn container_sized_work_is_stopped_by_the_cpu_budget_where_it_runs() {
+        let src = "let a = [];\na.pad(10000, 0);\nloop {\n  a.contains(-1);\n}\n";
+        let e = run(src).unwrap_err();
+        assert!(
+            e.starts_with("rules/r.rhai:4:")
+                && e.contains(&format!(
+                    "used more than {} ms of CPU time for customer c1",
+                    CPU_BUDGET.as_millis()
+                )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn comparing_big_arrays_in_a_loop_is_stopped_by_the_cpu_budget() {
+        let src =
+            "let a = [];\na.pad(10000, 0);\nlet b = a;\nlet n = 0;\nwhile a == b {\n  n += 1;\n}\n";
+        let e = run(src).unwrap_err();
+        assert!(e.contains("ms of CPU time"), "{e}");
+    }
+
+    #[test]
+    fn the_cpu_budget_cannot_be_caught_with_try() {
+        let src = "let m = #{};\nfor i in 0..9000 { m[`k${i}`] = i; }\nloop {\n  try { m.keys(); } catch { }\n}\n";
+        let e = run(src).unwrap_err();
+        assert!(e.contains("ms of CPU time"), "{e}");
+    }
 }

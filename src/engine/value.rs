@@ -2,7 +2,7 @@
 //! `now` and event times, JSON ↔ Dynamic, and the `customer` map.
 
 use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
-use rhai::{Array, Dynamic, Engine, Map};
+use rhai::{Dynamic, Engine, Map};
 use serde_json::Value;
 
 use crate::facts::{Facts, whole_days};
@@ -106,37 +106,115 @@ pub fn json_to_dynamic(v: &Value) -> Dynamic {
     }
 }
 
+/// How a value breaks the nesting limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    /// Arrays, maps or curried functions inside each other more than
+    /// [`MAX_DEPTH`](super::MAX_DEPTH) levels deep.
+    #[error(
+        "arrays, maps or functions nested more than {} levels deep",
+        super::MAX_DEPTH
+    )]
+    TooDeep,
+    /// More than [`MAX_ITEMS`](super::MAX_ITEMS) items counted through every level.
+    #[error(
+        "more than {} items in all (array items, map entries and curried arguments, counted through every level)",
+        super::MAX_ITEMS
+    )]
+    TooMany,
+}
+
+/// Whether `v` can hold other values (and so nest).
+fn is_container(v: &Dynamic) -> bool {
+    v.is_array() || v.is_map() || v.is_fnptr() || v.is_shared()
+}
+
+/// Checks that `v` nests at most `MAX_DEPTH` levels and holds at most
+/// `MAX_ITEMS` items in all; returns how many items it holds.
+///
+/// Rhai clones, drops, compares, prints and size-checks values by
+/// recursion, one native stack frame (or several) per level, so a value
+/// nested 10,000 deep overflows the stack and aborts the process. Every
+/// variable access runs this check (see `build_engine`), so no value a rule
+/// can reach grows past the limit by more than what one expression adds.
+/// The walk itself recurses at most `MAX_DEPTH` levels.
+pub(crate) fn check_shape(v: &Dynamic) -> Result<usize, ShapeError> {
+    let mut items = 0;
+    if is_container(v) {
+        walk(v, super::MAX_DEPTH, &mut items)?;
+    }
+    Ok(items)
+}
+
+fn walk(v: &Dynamic, levels_left: usize, items: &mut usize) -> Result<(), ShapeError> {
+    let Some(levels_left) = levels_left.checked_sub(1) else {
+        return Err(ShapeError::TooDeep);
+    };
+    let mut visit = |child: &Dynamic| {
+        *items += 1;
+        if *items > super::MAX_ITEMS {
+            return Err(ShapeError::TooMany);
+        }
+        if is_container(child) {
+            walk(child, levels_left, items)?;
+        }
+        Ok(())
+    };
+    if let Ok(a) = v.as_array_ref() {
+        a.iter().try_for_each(&mut visit)
+    } else if let Ok(m) = v.as_map_ref() {
+        m.values().try_for_each(&mut visit)
+    } else if let Some(f) = v.read_lock::<rhai::FnPtr>() {
+        // Curried arguments are copies held inside the function value.
+        f.curry().iter().try_for_each(&mut visit)
+    } else if v.is_shared() {
+        // Rules cannot make shared values (closures may not capture, see
+        // `compile`); should one appear, it counts as a level.
+        match v.read_lock::<Dynamic>() {
+            Some(inner) => visit(&inner),
+            None => Ok(()),
+        }
+    } else {
+        Ok(())
+    }
+}
+
 /// Rhai → JSON. Timestamps become RFC 3339 strings; anything else unknown
-/// becomes its printed form.
-pub fn dynamic_to_json(d: &Dynamic) -> Value {
-    if d.is_unit() {
+/// becomes its printed form. Fails past `MAX_DEPTH` levels: the JSON is
+/// stored and parsed again (serde_json stops at 128 levels), and every
+/// consumer of it recurses.
+pub fn dynamic_to_json(d: &Dynamic) -> Result<Value, ShapeError> {
+    to_json(d, super::MAX_DEPTH)
+}
+
+fn to_json(d: &Dynamic, levels_left: usize) -> Result<Value, ShapeError> {
+    let inner = |v: &Dynamic| match levels_left.checked_sub(1) {
+        Some(left) => to_json(v, left),
+        None => Err(ShapeError::TooDeep),
+    };
+    Ok(if d.is_unit() {
         Value::Null
-    } else if let Some(b) = d.clone().try_cast::<bool>() {
+    } else if let Ok(b) = d.as_bool() {
         Value::Bool(b)
-    } else if let Some(i) = d.clone().try_cast::<i64>() {
+    } else if let Ok(i) = d.as_int() {
         Value::from(i)
-    } else if let Some(f) = d.clone().try_cast::<f64>() {
+    } else if let Ok(f) = d.as_float() {
         serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
     } else if d.is_string() || d.is_char() {
         Value::String(d.to_string())
-    } else if d.is_array() {
-        let a = d
-            .read_lock::<Array>()
-            .map(|a| a.clone())
-            .unwrap_or_default();
-        Value::Array(a.iter().map(dynamic_to_json).collect())
-    } else if d.is_map() {
-        let m = d.read_lock::<Map>().map(|m| m.clone()).unwrap_or_default();
+    } else if let Ok(a) = d.as_array_ref() {
+        Value::Array(a.iter().map(inner).collect::<Result<_, _>>()?)
+    } else if let Ok(m) = d.as_map_ref() {
         Value::Object(
             m.iter()
-                .map(|(k, v)| (k.to_string(), dynamic_to_json(v)))
-                .collect(),
+                .map(|(k, v)| Ok((k.to_string(), inner(v)?)))
+                .collect::<Result<_, _>>()?,
         )
-    } else if let Some(t) = d.clone().try_cast::<Timestamp>() {
+    } else if let Some(t) = d.read_lock::<Timestamp>() {
         Value::String(t.rfc3339())
     } else {
         Value::String(d.to_string())
-    }
+    })
 }
 
 fn opt_string(s: Option<&str>) -> Dynamic {

@@ -7,6 +7,7 @@ mod fixtures;
 mod helpers;
 mod hostile;
 mod hostile_input;
+mod hostile_rules;
 mod import;
 mod pipeline;
 mod policy;
