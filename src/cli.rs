@@ -577,12 +577,12 @@ async fn simulate(
     if id.is_some() {
         print_calendar(&sim.happenings);
     } else {
-        print_day_totals(&sim.happenings);
+        print_day_totals(&sim);
     }
     if !sim.errors.is_empty() {
         println!(
             "Rule errors ({}; the rule did nothing for that customer that day):",
-            sim.errors.len()
+            sim.errors_total
         );
         for e in sim.errors.iter().take(20) {
             println!(
@@ -593,8 +593,12 @@ async fn simulate(
                 e.message
             );
         }
-        if sim.errors.len() > 20 {
-            println!("  … {} more (--json lists all)", sim.errors.len() - 20);
+        if sim.errors_total > 20 {
+            println!(
+                "  … {} more (--json lists the first {})",
+                sim.errors_total - 20,
+                crate::simulate::SAMPLE
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -629,43 +633,25 @@ fn print_calendar(happenings: &[crate::simulate::Happening]) {
 }
 
 /// Everyone: per-day totals and escalations per owner (CSM workload).
-fn print_day_totals(happenings: &[crate::simulate::Happening]) {
-    let mut per_day: std::collections::BTreeMap<String, [usize; 5]> = Default::default();
-    let mut per_owner: std::collections::BTreeMap<String, usize> = Default::default();
-    for h in happenings {
-        let day = per_day
-            .entry(h.at.format("%Y-%m-%d").to_string())
-            .or_default();
-        let held = h.kind == "email" && h.note.is_some();
-        match h.kind.as_str() {
-            "email" if held => day[1] += 1,
-            "email" => day[0] += 1,
-            "escalation" => day[2] += 1,
-            "tag" => day[3] += 1,
-            _ => day[4] += 1,
-        }
-        if let Some(owner) = &h.owner {
-            *per_owner.entry(owner.clone()).or_default() += 1;
-        }
-    }
+fn print_day_totals(sim: &crate::simulate::Simulation) {
     println!(
         "  {:<10} {:>7} {:>5} {:>11} {:>5} {:>8}",
         "day", "emails", "held", "escalations", "tags", "webhooks"
     );
-    for (day, n) in &per_day {
+    for d in &sim.days {
         println!(
             "  {:<10} {:>7} {:>5} {:>11} {:>5} {:>8}",
-            day, n[0], n[1], n[2], n[3], n[4]
+            d.day, d.emails, d.held, d.escalations, d.tags, d.webhooks
         );
     }
-    if per_day.values().any(|n| n[1] > 0) {
+    if sim.days.iter().any(|d| d.held > 0) {
         println!("  (held: the blast-radius guard would hold them until approved)");
     }
     println!("Escalations per owner (CSM workload):");
-    if per_owner.is_empty() {
+    if sim.owners.is_empty() {
         println!("  none");
     }
-    for (owner, n) in &per_owner {
+    for (owner, n) in &sim.owners {
         println!("  {owner:<32} {n}");
     }
 }

@@ -257,6 +257,43 @@ async fn load_page(
         .collect())
 }
 
+/// What the rules ask for each customer of a page, and their errors, in
+/// the page's order (on the rayon pool: call it from a blocking thread). A
+/// cancelled run stops at once, leaving the rest empty.
+pub(crate) fn evaluate_page(
+    rules: &RuleSet,
+    only: Option<&HashSet<String>>,
+    page: Vec<Facts>,
+    default_owner: &Email,
+    cancel: Option<&CancellationToken>,
+) -> Vec<(Vec<Outgoing>, Vec<RuleErrorRecord>)> {
+    page.into_par_iter()
+        .map(|facts| {
+            if cancel.is_some_and(|c| c.is_cancelled()) {
+                return (Vec::new(), Vec::new());
+            }
+            let facts = Arc::new(facts);
+            let mut outgoing = Vec::new();
+            let mut errors = Vec::new();
+            for (rule, result) in rules.evaluate_selected(&facts, only) {
+                match result {
+                    Ok(actions) => outgoing.extend(
+                        actions
+                            .into_iter()
+                            .map(|a| to_outgoing(a, &facts, default_owner)),
+                    ),
+                    Err(e) => errors.push(RuleErrorRecord {
+                        rule: rule.id.clone(),
+                        customer_id: facts.customer.id.clone(),
+                        message: e.to_string(),
+                    }),
+                }
+            }
+            (outgoing, errors)
+        })
+        .collect()
+}
+
 /// One page of customers (ids `first..=last`), evaluated.
 pub struct EvaluatedPage {
     pub first: CustomerId,
@@ -342,31 +379,7 @@ impl<'a> Pages<'a> {
         page.retain(|f| f.customer.created_at.is_none_or(|c| c <= now));
         let evaluating = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let results: Vec<(Vec<Outgoing>, Vec<RuleErrorRecord>)> = page
-                .into_par_iter()
-                .map(|facts| {
-                    // A shutdown stops the page at once; the run is discarded.
-                    if cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
-                        return (Vec::new(), Vec::new());
-                    }
-                    let facts = Arc::new(facts);
-                    let mut outgoing = Vec::new();
-                    let mut errors = Vec::new();
-                    for (rule, result) in rules.evaluate_selected(&facts, only.as_deref()) {
-                        match result {
-                            Ok(actions) => outgoing.extend(
-                                actions.into_iter().map(|a| to_outgoing(a, &facts, &owner)),
-                            ),
-                            Err(e) => errors.push(RuleErrorRecord {
-                                rule: rule.id.clone(),
-                                customer_id: facts.customer.id.clone(),
-                                message: e.to_string(),
-                            }),
-                        }
-                    }
-                    (outgoing, errors)
-                })
-                .collect();
+            let results = evaluate_page(&rules, only.as_deref(), page, &owner, cancel.as_ref());
             (results, started.elapsed().as_secs_f64())
         });
         let started = Instant::now();
@@ -399,28 +412,6 @@ impl<'a> Pages<'a> {
         }
         Ok(Some(EvaluatedPage { first, last, eval }))
     }
-}
-
-/// Evaluates every rule for every customer as of `now`, holding the whole
-/// plan in memory (`simulate`; runs go through [`Pages`] instead). Rule
-/// errors are collected, never fatal.
-pub async fn evaluate(
-    store: &dyn Store,
-    rules: Arc<RuleSet>,
-    only: Option<Arc<HashSet<String>>>,
-    now: DateTime<Utc>,
-    default_owner: &Email,
-    progress: Option<&indicatif::ProgressBar>,
-    cancel: Option<&CancellationToken>,
-) -> Result<Evaluation, RunError> {
-    let started = Instant::now();
-    let mut out = Evaluation::default();
-    let mut pages = Pages::new(store, rules, only, now, default_owner, progress, cancel);
-    while let Some(page) = pages.next().await? {
-        out.merge(page.eval);
-    }
-    out.seconds = started.elapsed().as_secs_f64();
-    Ok(out)
 }
 
 pub fn kind_label(o: &Outgoing) -> (&'static str, String) {
@@ -990,16 +981,6 @@ pub(crate) fn guard_holds(
             )
         })
         .collect()
-}
-
-/// The guard for a whole plan held in memory (`simulate`).
-pub(crate) fn guard_decision(
-    outgoing: &[Outgoing],
-    existing: &HashSet<String>,
-    customers: u64,
-    guard: &crate::policy::GuardConfig,
-) -> BTreeMap<String, String> {
-    guard_holds(&guard_reach(outgoing, existing), customers, guard)
 }
 
 /// The marketing emails of a plan that are not in the ledger yet.

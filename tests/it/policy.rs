@@ -1263,3 +1263,91 @@ async fn a_run_that_died_between_partitions_is_abandoned_and_the_next_one_sends_
         .collect();
     assert_eq!(statuses, ["completed", "abandoned"], "{runs}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulate_all_settles_the_guard_and_owner_caps_over_every_page_of_the_base() {
+    // 4,500 customers: three pages of the simulation, which keeps only
+    // counters across them.
+    let app = TestApp::new().await;
+    only_rules(
+        &app,
+        &[
+            ("stall", "escalate(\"stalled\");\n"),
+            ("late", "if now.day == 17 { escalate(\"late\"); }\n"),
+            (
+                "blast",
+                "send_email(\"winback\", #{ key: \"blast\", days_inactive: 1 });\n",
+            ),
+        ],
+    );
+    app.write_config("[escalation]\nowner_daily_cap = 100\n");
+    let mut csv = String::from("id,email,created_at,owner\n");
+    for i in 0..4500 {
+        csv.push_str(&format!(
+            "p{i:05},p{i:05}@example.com,2026-06-01T00:00:00Z,csm@acme.test\n"
+        ));
+    }
+    app.import_customers(&csv).await;
+    let r = app
+        .engaged(&["simulate", "--days", "2", "--all", "--now", NOW, "--json"])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let sim = r.json();
+    // Fire times 06-16 02:00 and 06-17 02:00 (the default nightly schedule).
+    assert_eq!(
+        sim["days"],
+        serde_json::json!([
+            {"day": "2026-06-16", "emails": 0, "held": 4500, "escalations": 4500, "tags": 0, "webhooks": 0},
+            {"day": "2026-06-17", "emails": 0, "held": 0, "escalations": 4500, "tags": 0, "webhooks": 0},
+        ]),
+        "the blast is held (judged on all 4,500), sent once; stall opens once per customer"
+    );
+    // The cap of 100 a day: 100 on the first night, none the next (the
+    // first night's 100 are within its day), the rest to the default owner.
+    assert_eq!(
+        sim["owners"],
+        serde_json::json!({"csm@acme.test": 100, DEFAULT_OWNER: 8900}),
+        "{}",
+        sim["owners"]
+    );
+    assert_eq!(sim["happenings_total"], 13_500);
+    let listed = sim["happenings"].as_array().unwrap();
+    assert_eq!(listed.len(), 1000, "--all lists a sample, counts the rest");
+    let to_csm = listed
+        .iter()
+        .filter(|h| h["owner"] == "csm@acme.test")
+        .count();
+    assert_eq!(to_csm, 100, "the first 100 in id order keep their owner");
+    let overflowed: Vec<_> = listed
+        .iter()
+        .filter(|h| h["owner"] == DEFAULT_OWNER)
+        .collect();
+    assert_eq!(overflowed.len(), 900);
+    assert!(
+        overflowed.iter().all(|h| h["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("csm@acme.test reached the daily cap of 100"))),
+        "{overflowed:?}"
+    );
+    assert_eq!(
+        listed[99]["customer_id"], "p00099",
+        "listed in time, then id order"
+    );
+    assert_eq!(listed[100]["owner"], DEFAULT_OWNER);
+
+    let r = app
+        .engaged(&["simulate", "--days", "2", "--all", "--now", NOW])
+        .await;
+    assert!(
+        r.stdout.contains("2026-06-16       0  4500        4500"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("csm@acme.test                    100"),
+        "{}",
+        r.stdout
+    );
+    let store = app.store().await;
+    assert!(store.runs(10).await.unwrap().is_empty(), "nothing written");
+}
