@@ -2,7 +2,7 @@
 //! transaction that reads before it writes (a deferred transaction would
 //! fail with "database is locked" under concurrent writers, busy timeout or not).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -486,82 +486,107 @@ impl Store for SqliteStore {
         }
         drop(new_emails);
 
-        for e in &plan.escalations {
-            let id: Option<i64> = sqlx::query_scalar(
-                // One open escalation per customer and rule (the unique
-                // index); and one a human resolved is not reopened for the
-                // same reason.
+        // Escalations and their notices, decisions and rule errors: one
+        // multi-row statement per chunk (a night at 1M customers opens
+        // hundreds of thousands of escalations).
+        let created = to_millis(plan.now); // escalation times follow the evaluation clock (--now replays)
+        for chunk in plan.escalations.chunks(ACTION_CHUNK) {
+            // One open escalation per customer and rule (the unique index);
+            // one a human resolved is not reopened for the same reason.
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO escalations (run_id, customer_id, rule, reason, owner, status, created_at, notified_at)
-                 SELECT ?1, ?2, ?3, ?4, ?5, 'open', ?6, ?6
-                 WHERE NOT EXISTS (SELECT 1 FROM escalations WHERE customer_id = ?2 AND rule = ?3
-                                   AND reason = ?4 AND status = 'resolved')
-                 ON CONFLICT DO NOTHING RETURNING id",
-            )
-            .bind(run_id)
-            .bind(e.customer_id.as_str())
-            .bind(&e.rule)
-            .bind(&e.reason)
-            .bind(&e.owner)
-            .bind(to_millis(plan.now)) // escalation times follow the evaluation clock (--now replays)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let counts = per_rule.entry(e.rule.clone()).or_default();
-            let Some(id) = id else {
-                counts.deduplicated += 1;
-                continue;
-            };
-            counts.planned += 1;
-            let mut notice = e.notice.clone();
-            if let Value::Object(m) = &mut notice {
-                m.insert("escalation_id".into(), Value::from(id));
+                 SELECT v.column1, v.column2, v.column3, v.column4, v.column5, 'open', v.column6, v.column6
+                 FROM (",
+            );
+            qb.push_values(chunk, |mut b, e| {
+                b.push_bind(run_id)
+                    .push_bind(e.customer_id.as_str().to_owned())
+                    .push_bind(e.rule.clone())
+                    .push_bind(e.reason.clone())
+                    .push_bind(e.owner.clone())
+                    .push_bind(created);
+            });
+            qb.push(
+                ") AS v WHERE NOT EXISTS (SELECT 1 FROM escalations r WHERE r.customer_id = v.column2
+                   AND r.rule = v.column3 AND r.reason = v.column4 AND r.status = 'resolved')
+                 ON CONFLICT DO NOTHING RETURNING id, customer_id, rule",
+            );
+            let mut opened: HashMap<(String, String), i64> = HashMap::new();
+            for r in qb.build().fetch_all(&mut *tx).await? {
+                opened.insert((r.try_get(1)?, r.try_get(2)?), r.try_get(0)?);
             }
-            sqlx::query(
+            let mut notices: Vec<(&NewEscalation, i64)> = Vec::new();
+            for e in chunk {
+                let counts = per_rule.entry(e.rule.clone()).or_default();
+                // The first of a pair in the plan is the one opened.
+                match opened.remove(&(e.customer_id.as_str().to_owned(), e.rule.clone())) {
+                    Some(id) => {
+                        counts.planned += 1;
+                        notices.push((e, id));
+                    }
+                    None => counts.deduplicated += 1,
+                }
+            }
+            if notices.is_empty() {
+                continue;
+            }
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO actions (run_id, customer_id, rule, kind, dedup_key, payload, status,
-                                      next_attempt_at, created_at)
-                 VALUES (?, ?, ?, 'escalation_notice', ?, ?, 'pending', ?, ?)",
-            )
-            .bind(run_id)
-            .bind(e.customer_id.as_str())
-            .bind(&e.rule)
-            .bind(format!("escalation\u{1f}{id}"))
-            .bind(notice.to_string())
-            .bind(now_ms)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
+                                      next_attempt_at, created_at) ",
+            );
+            qb.push_values(notices, |mut b, (e, id)| {
+                let mut notice = e.notice.clone();
+                if let Value::Object(m) = &mut notice {
+                    m.insert("escalation_id".into(), Value::from(id));
+                }
+                b.push_bind(run_id)
+                    .push_bind(e.customer_id.as_str().to_owned())
+                    .push_bind(e.rule.clone())
+                    .push_bind("escalation_notice")
+                    .push_bind(format!("escalation\u{1f}{id}"))
+                    .push_bind(notice.to_string())
+                    .push_bind("pending")
+                    .push_bind(now_ms)
+                    .push_bind(now_ms);
+            });
+            qb.build().execute(&mut *tx).await?;
         }
 
-        for d in &plan.decisions {
-            sqlx::query(
+        for chunk in plan.decisions.chunks(ACTION_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO decisions (run_id, customer_id, rule, subject, decision, reason, at,
-                                        first_at, dedup_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)
-                 ON CONFLICT (dedup_key, decision) DO UPDATE SET
+                                        first_at, dedup_key) ",
+            );
+            qb.push_values(chunk, |mut b, d| {
+                b.push_bind(run_id)
+                    .push_bind(d.customer_id.as_str().to_owned())
+                    .push_bind(d.rule.clone())
+                    .push_bind(d.subject.clone())
+                    .push_bind(d.decision.clone())
+                    .push_bind(d.reason.clone())
+                    .push_bind(created)
+                    .push_bind(created)
+                    .push_bind(d.dedup_key.clone());
+            });
+            // A key decided twice in one plan is one row counted twice.
+            qb.push(
+                " ON CONFLICT (dedup_key, decision) DO UPDATE SET
                      run_id = excluded.run_id, subject = excluded.subject,
                      reason = excluded.reason, at = excluded.at, times = times + 1",
-            )
-            .bind(run_id)
-            .bind(d.customer_id.as_str())
-            .bind(&d.rule)
-            .bind(&d.subject)
-            .bind(&d.decision)
-            .bind(&d.reason)
-            .bind(to_millis(plan.now))
-            .bind(&d.dedup_key)
-            .execute(&mut *tx)
-            .await?;
+            );
+            qb.build().execute(&mut *tx).await?;
         }
 
-        for err in &plan.errors {
-            sqlx::query(
-                "INSERT INTO run_errors (run_id, rule, customer_id, message) VALUES (?, ?, ?, ?)",
-            )
-            .bind(run_id)
-            .bind(&err.rule)
-            .bind(err.customer_id.as_str())
-            .bind(&err.message)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in plan.errors.chunks(ACTION_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO run_errors (run_id, rule, customer_id, message) ");
+            qb.push_values(chunk, |mut b, err| {
+                b.push_bind(run_id)
+                    .push_bind(err.rule.clone())
+                    .push_bind(err.customer_id.as_str().to_owned())
+                    .push_bind(err.message.clone());
+            });
+            qb.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(CommitOutcome {
