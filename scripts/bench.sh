@@ -12,8 +12,14 @@
 # Needs: apt-get (to fetch the postfix package; nothing is installed or
 # started system-wide), /usr/bin/time, psql for PostgreSQL. Everything else
 # goes to ./bench-data/.
+#   scripts/bench.sh scale [CUSTOMERS]   the 1M scale case against the plain-SQL
+#                                       baseline (scripts/bench_scale.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = scale ]; then
+  shift
+  exec scripts/bench_scale.sh "$@"
+fi
 CUSTOMERS="${1:-100000}"
 PER="${2:-10}"
 NOW="2026-06-15T02:00:00Z"
