@@ -668,6 +668,7 @@ async fn would_do(
         trigger: "plan".into(),
         retry_window: Duration::ZERO,
         only_rules: None,
+        changed_since: None,
         policy: app.config.policy.clone(),
         guard: app.config.guard.clone(),
         escalation: app.config.escalation.clone(),
@@ -789,11 +790,10 @@ async fn runs(
                         .map(|(rule, n)| format!("{rule}: {n}"))
                         .collect();
                     // A run still planning shows how far it got.
-                    let p = &r.summary["progress"];
-                    if r.status == "planning" && p.is_object() {
+                    if r.status == "planning" {
                         held.push(format!(
-                            "{} of {} customers planned",
-                            p["customers"], p["of"]
+                            "{} of {} partitions planned",
+                            r.partitions_done, r.partitions
                         ));
                     }
                     println!(
@@ -911,6 +911,7 @@ async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, trigger: &str) -> Res
         trigger: trigger.to_owned(),
         retry_window: Duration::from_millis(app.config.delivery.run_retry_window_ms),
         only_rules: None,
+        changed_since: None,
         policy: app.config.policy.clone(),
         guard: app.config.guard.clone(),
         escalation: app.config.escalation.clone(),

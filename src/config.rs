@@ -268,6 +268,22 @@ pub struct ScheduleConfig {
     /// `catch_up` only runs a missed firing this recent (minutes).
     #[serde(default = "default_grace_minutes", deserialize_with = "number")]
     pub grace_minutes: u32,
+    /// Which customers a firing evaluates: `"all"` (the default), or
+    /// `"changed"`: only those whose data changed (an event, an identify,
+    /// an import) since this schedule's last run that finished planning.
+    #[serde(default)]
+    pub customers: CustomerScope,
+}
+
+/// Which customers a schedule's runs evaluate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CustomerScope {
+    /// Every customer (the nightly run).
+    #[default]
+    All,
+    /// Only customers whose data changed since the schedule's last run.
+    Changed,
 }
 
 /// Policy for firings missed while the daemon was down.

@@ -284,17 +284,24 @@ impl Daemon {
 
     async fn run_firing(&self, firing: &Firing) -> Result<RunSummary, RunError> {
         let library = self.library.current();
-        let only = self
-            .schedules
-            .iter()
-            .find(|s| s.name == firing.schedule)
-            .and_then(|s| s.rules.clone());
+        let schedule = self.schedules.iter().find(|s| s.name == firing.schedule);
+        let only = schedule.and_then(|s| s.rules.clone());
+        let trigger = format!("schedule:{}", firing.schedule);
+        // A schedule over what changed starts where its last run's view of
+        // the changes ended; its first run covers everyone.
+        let changed_since = match schedule.map(|s| s.customers) {
+            Some(crate::config::CustomerScope::Changed) => {
+                self.store.changes_seen_by_last_run(&trigger).await?
+            }
+            _ => None,
+        };
         let opts = RunOptions {
             now: self.clock.now(),
             dry_run: false,
-            trigger: format!("schedule:{}", firing.schedule),
+            trigger,
             retry_window: Duration::ZERO,
             only_rules: only,
+            changed_since,
             policy: self.config.policy.clone(),
             guard: self.config.guard.clone(),
             escalation: self.config.escalation.clone(),
@@ -338,6 +345,30 @@ impl Daemon {
             "Run planned."
         );
         Ok(summary)
+    }
+
+    /// One step of this replica's share of other processes' runs: plans
+    /// partitions of a run still planning, or finishes one whose finisher
+    /// died. False when there was nothing to do.
+    pub async fn help_with_runs(&self) -> Result<bool> {
+        let library = self.library.current();
+        let planner = pipeline::Planner {
+            store: &self.store,
+            rules: &library.rules,
+            default_owner: &self.default_owner,
+            policy: &self.config.policy,
+            guard: &self.config.guard,
+            escalation: &self.config.escalation,
+            cancel: Some(&self.stop_runs),
+        };
+        match pipeline::help_with_runs(&planner).await {
+            Ok(Some(_)) => {
+                self.delivery_wake.notify_one();
+                Ok(true)
+            }
+            Ok(None) | Err(RunError::Cancelled) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// One delivery pass as of the injected clock.
@@ -452,6 +483,13 @@ impl Daemon {
                     // Run queued firings back to back; errors are logged and recorded.
                     if let Ok(Some(_)) = me.run_next_firing().await {
                         continue;
+                    }
+                    // Then a share of runs begun elsewhere (another replica,
+                    // a CLI run, one whose planner died).
+                    match me.help_with_runs().await {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => tracing::error!("Planning a share of a run failed: {e:#}"),
                     }
                     tokio::select! {
                         _ = me.run_requested.notified() => {}

@@ -110,7 +110,8 @@ pub fn is_dead_here(holder: &str) -> bool {
 
 /// Releases every lease held by processes of this machine that died: their
 /// running firings are queued again (unless their plan was committed), the
-/// planner lock is freed, their claimed outbox rows are pending again.
+/// planner lock is freed, their claimed outbox rows and partitions of runs
+/// are pending again.
 /// Returns how many holders were reaped.
 pub async fn reap_dead_holders(store: &dyn Store, now: DateTime<Utc>) -> StoreResult<usize> {
     let mut dead: Vec<String> = store
@@ -129,6 +130,7 @@ pub async fn reap_dead_holders(store: &dyn Store, now: DateTime<Utc>) -> StoreRe
             firings = released.firings,
             planner_lock = released.planner_lock,
             actions = released.actions,
+            partitions = released.partitions,
             "A process holding leases died; what it held is released."
         );
     }

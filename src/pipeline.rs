@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::deliver::{Deliverer, DeliveryReport};
@@ -24,18 +24,29 @@ use crate::plan::{
     dedup_key,
 };
 use crate::store::{
-    Decision, HistoryEvent, NewAction, NewEscalation, PlanCommit, RuleErrorRecord, Store,
-    StoreError,
+    Decision, HistoryEvent, NewAction, NewEscalation, Partition, PartitionDone, PlanCommit,
+    RuleErrorRecord, RunSpec, Store, StoreError, UnfinishedRun,
 };
 use tokio_util::sync::CancellationToken;
 
-/// Customers evaluated per page.
+/// Customers evaluated per page of a dry run.
 const PAGE: usize = 2_000;
+/// Customers per partition of a run: the unit that processes claim,
+/// evaluate and commit in one transaction.
+pub const PARTITION: usize = 2_000;
+/// How long a claimed partition stays its holder's without a renewal; the
+/// holder renews every `RENEW_EVERY`, so a holder that died elsewhere is
+/// replaced within seconds (on this machine at once, see `liveness`).
+const PARTITION_LEASE: chrono::Duration = chrono::Duration::seconds(15);
+const RENEW_EVERY: Duration = Duration::from_secs(3);
+/// How often a run's starter looks whether the others finished its run.
+const WAIT_FOR_OTHERS: Duration = Duration::from_millis(100);
 /// Rule errors kept in a summary (all are stored with the run).
 const MAX_ERRORS_IN_SUMMARY: usize = 50;
 
 /// Per-rule counts in a run summary.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RuleSummary {
     pub planned: usize,
     pub deduplicated: usize,
@@ -55,7 +66,8 @@ pub struct RuleSummary {
 }
 
 /// What a run did.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunSummary {
     pub run_id: Option<i64>,
     pub dry_run: bool,
@@ -74,14 +86,81 @@ pub struct RunSummary {
     /// For `--dry-run`: how many actions it would take in all.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub would_total: Option<u64>,
-    /// Where the run's time went, in seconds (wall time of each phase).
+    /// Where the run's time went, in seconds (each phase's time, added up
+    /// over the partitions: with several replicas, more than the wall time).
     pub phases: Phases,
+    /// How many partitions the run had (real runs).
+    pub partitions: u64,
+    /// For a run over what changed: since when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changed_since: Option<DateTime<Utc>>,
+    /// Per process that planned partitions of the run (its identity, see
+    /// `liveness`): how many partitions and customers.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub replicas: BTreeMap<String, ReplicaCounts>,
+}
+
+/// One process's share of a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReplicaCounts {
+    pub partitions: u64,
+    pub customers: u64,
+}
+
+/// What one partition's evaluation and policies counted: stored with the
+/// partition when it is committed, added up when the run is finished.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PartitionSummary {
+    pub customers: u64,
+    pub evaluations: u64,
+    pub rule_seconds: f64,
+    pub phases: Phases,
+    pub rules: BTreeMap<String, RuleSummary>,
+    /// Its first rule errors (all are stored with the run).
+    pub errors: Vec<RuleErrorRecord>,
+    /// The blast-radius guard's count: customers each rule asked to email anew.
+    pub reach: BTreeMap<String, usize>,
+    /// Who planned it.
+    pub holder: String,
+}
+
+impl RunSummary {
+    /// Adds one partition's counts.
+    fn absorb(&mut self, part: PartitionSummary) {
+        self.customers += part.customers;
+        self.evaluations += part.evaluations;
+        self.rule_seconds += part.rule_seconds;
+        self.phases.load += part.phases.load;
+        self.phases.evaluate += part.phases.evaluate;
+        self.phases.dedup += part.phases.dedup;
+        self.phases.policies += part.phases.policies;
+        self.phases.commit += part.phases.commit;
+        for (rule, r) in part.rules {
+            let s = self.rules.entry(rule).or_default();
+            s.planned += r.planned;
+            s.deduplicated += r.deduplicated;
+            s.suppressed += r.suppressed;
+            s.capped += r.capped;
+            s.waiting_for_window += r.waiting_for_window;
+            s.held += r.held;
+            s.errors += r.errors;
+            s.emails += r.emails;
+            s.escalations += r.escalations;
+            s.tags += r.tags;
+            s.webhooks += r.webhooks;
+        }
+        let room = MAX_ERRORS_IN_SUMMARY.saturating_sub(self.errors.len());
+        self.errors.extend(part.errors.into_iter().take(room));
+    }
 }
 
 /// Wall time of a run's phases, in seconds. Loading overlaps evaluation
 /// (the next page loads while this one evaluates), so `load` counts only
 /// the time spent waiting for data.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Phases {
     pub load: f64,
     pub evaluate: f64,
@@ -92,7 +171,7 @@ pub struct Phases {
 }
 
 /// One line of a dry run.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WouldDo {
     pub customer_id: String,
     pub rule: String,
@@ -228,23 +307,35 @@ pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) 
     }
 }
 
-/// Loads the facts of one page of customers.
-async fn load_page(
+/// Loads the facts of these customers: their histories and tags, by id
+/// range when they are every customer of the range (one index scan), by id
+/// when they are a sample of it (the changed ones).
+async fn load_facts(
     store: &dyn Store,
-    after: Option<&CustomerId>,
+    customers: Vec<crate::domain::Customer>,
+    whole_range: bool,
     now: DateTime<Utc>,
 ) -> Result<Vec<Facts>, StoreError> {
-    let customers = store.customers_page(after, PAGE).await?;
     let (Some(first), Some(last)) = (customers.first(), customers.last()) else {
         return Ok(Vec::new());
     };
-    let mut histories: HashMap<CustomerId, Vec<HistoryEvent>> = store
-        .histories_in_id_range(&first.id, &last.id, now)
-        .await?
-        .into_iter()
-        .collect();
+    let (histories, tag_rows) = if whole_range {
+        (
+            store
+                .histories_in_id_range(&first.id, &last.id, now)
+                .await?,
+            store.tags_in_id_range(&first.id, &last.id).await?,
+        )
+    } else {
+        let ids: Vec<CustomerId> = customers.iter().map(|c| c.id.clone()).collect();
+        (
+            store.histories_of(&ids, now).await?,
+            store.tags_of(&ids).await?,
+        )
+    };
+    let mut histories: HashMap<CustomerId, Vec<HistoryEvent>> = histories.into_iter().collect();
     let mut tags: HashMap<CustomerId, Vec<String>> = HashMap::new();
-    for (id, tag) in store.tags_in_id_range(&first.id, &last.id).await? {
+    for (id, tag) in tag_rows {
         tags.entry(id).or_default().push(tag);
     }
     Ok(customers
@@ -294,16 +385,38 @@ pub(crate) fn evaluate_page(
         .collect()
 }
 
-/// One page of customers (ids `first..=last`), evaluated.
+/// One page of customers, evaluated: a partition claimed for a run, or a
+/// page of the base for a dry run.
 pub struct EvaluatedPage {
-    pub first: CustomerId,
-    pub last: CustomerId,
+    /// The customers evaluated (those that existed at the run's `now`).
+    pub ids: Vec<CustomerId>,
     pub eval: Evaluation,
+    /// The claimed partition this page is (real runs).
+    pub partition: Option<Partition>,
 }
 
-/// The customer base, evaluated a page at a time: the next page loads while
-/// this one evaluates on the rayon pool, and only one page's facts and plan
-/// are held at once.
+/// Where pages come from.
+enum Source {
+    /// Every customer, `PAGE` at a time (dry runs): after this id.
+    Base { after: Option<CustomerId> },
+    /// Partitions of run `run` claimed for `holder`; `first` was claimed
+    /// before (the daemon found the run by claiming it).
+    Claims {
+        run: i64,
+        holder: String,
+        first: Option<Partition>,
+    },
+}
+
+/// One page, loaded but not evaluated.
+struct Loaded {
+    facts: Vec<Facts>,
+    partition: Option<Partition>,
+}
+
+/// The customers of a run, evaluated a page at a time: the next page loads
+/// (and, in a real run, is claimed) while this one evaluates on the rayon
+/// pool, and only one page's facts and plan are held at once.
 pub struct Pages<'a> {
     store: &'a dyn Store,
     rules: Arc<RuleSet>,
@@ -313,12 +426,14 @@ pub struct Pages<'a> {
     progress: Option<&'a indicatif::ProgressBar>,
     cancel: Option<&'a CancellationToken>,
     selected: u64,
+    source: Source,
     /// The next page, loaded but not evaluated; `None` before the first load.
-    loaded: Option<Vec<Facts>>,
+    loaded: Option<Option<Loaded>>,
 }
 
 impl<'a> Pages<'a> {
-    pub fn new(
+    #[allow(clippy::too_many_arguments)]
+    fn new(
         store: &'a dyn Store,
         rules: Arc<RuleSet>,
         only: Option<Arc<HashSet<String>>>,
@@ -326,6 +441,7 @@ impl<'a> Pages<'a> {
         default_owner: &Email,
         progress: Option<&'a indicatif::ProgressBar>,
         cancel: Option<&'a CancellationToken>,
+        source: Source,
     ) -> Self {
         let selected = rules
             .rules()
@@ -341,6 +457,7 @@ impl<'a> Pages<'a> {
             progress,
             cancel,
             selected,
+            source,
             loaded: None,
         }
     }
@@ -349,23 +466,65 @@ impl<'a> Pages<'a> {
         self.cancel.is_some_and(|c| c.is_cancelled())
     }
 
+    /// Loads the next page from the source; `None` after the last.
+    async fn load_next(&mut self) -> Result<Option<Loaded>, StoreError> {
+        match &mut self.source {
+            Source::Base { after } => {
+                let customers = self.store.customers_page(after.as_ref(), PAGE).await?;
+                let Some(last) = customers.last() else {
+                    return Ok(None);
+                };
+                *after = Some(last.id.clone());
+                let facts = load_facts(self.store, customers, true, self.now).await?;
+                Ok(Some(Loaded {
+                    facts,
+                    partition: None,
+                }))
+            }
+            Source::Claims { run, holder, first } => {
+                let partition = match first.take() {
+                    Some(p) => p,
+                    None => {
+                        let now = Utc::now();
+                        match self
+                            .store
+                            .claim_partition(Some(*run), holder, now, now + PARTITION_LEASE)
+                            .await?
+                        {
+                            Some(p) => p,
+                            None => return Ok(None),
+                        }
+                    }
+                };
+                let customers = self.store.partition_customers(&partition).await?;
+                let whole = partition.spec.changed_since.is_none();
+                let facts = load_facts(self.store, customers, whole, self.now).await?;
+                Ok(Some(Loaded {
+                    facts,
+                    partition: Some(partition),
+                }))
+            }
+        }
+    }
+
     /// Evaluates the next page; `None` after the last. Rule errors are
     /// collected, never fatal; a cancelled run stops at once.
     pub async fn next(&mut self) -> Result<Option<EvaluatedPage>, RunError> {
         let first_load = Instant::now();
-        let mut page = match self.loaded.take() {
-            Some(page) => page,
-            None => load_page(self.store, None, self.now).await?,
+        let loaded = match self.loaded.take() {
+            Some(loaded) => loaded,
+            None => self.load_next().await?,
         };
         let first_load = first_load.elapsed().as_secs_f64();
         if self.stopped() {
             return Err(RunError::Cancelled);
         }
-        let (Some(first), Some(last)) = (
-            page.first().map(|f| f.customer.id.clone()),
-            page.last().map(|f| f.customer.id.clone()),
-        ) else {
-            self.loaded = Some(page);
+        let Some(Loaded {
+            facts: mut page,
+            partition,
+        }) = loaded
+        else {
+            self.loaded = Some(None);
             return Ok(None);
         };
         let loaded = page.len() as u64;
@@ -377,18 +536,20 @@ impl<'a> Pages<'a> {
         // Customers who signed up after `now` did not exist yet: a replay of
         // the past must not welcome them.
         page.retain(|f| f.customer.created_at.is_none_or(|c| c <= now));
+        let ids: Vec<CustomerId> = page.iter().map(|f| f.customer.id.clone()).collect();
         let evaluating = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let results = evaluate_page(&rules, only.as_deref(), page, &owner, cancel.as_ref());
             (results, started.elapsed().as_secs_f64())
         });
         let started = Instant::now();
-        self.loaded = Some(load_page(self.store, Some(&last), self.now).await?);
+        let next = self.load_next().await;
         let loading = started.elapsed().as_secs_f64();
         let (results, rule_seconds) = evaluating.await.map_err(|e| StoreError::Corrupt {
             table: "evaluation",
             message: format!("evaluation task failed: {e}"),
         })?;
+        self.loaded = Some(next?);
         if self.stopped() {
             return Err(RunError::Cancelled);
         }
@@ -410,7 +571,11 @@ impl<'a> Pages<'a> {
         if let Some(p) = self.progress {
             p.inc(loaded);
         }
-        Ok(Some(EvaluatedPage { first, last, eval }))
+        Ok(Some(EvaluatedPage {
+            ids,
+            eval,
+            partition,
+        }))
     }
 }
 
@@ -436,13 +601,17 @@ pub struct RunOptions {
     pub retry_window: Duration,
     /// Evaluate only these rules (a schedule's subset); `None` = all.
     pub only_rules: Option<Vec<String>>,
+    /// Evaluate only customers whose data changed at or after this (a
+    /// schedule with `customers = "changed"`); `None` = every customer.
+    pub changed_since: Option<DateTime<Utc>>,
     pub policy: crate::policy::PolicyConfig,
     pub guard: crate::policy::GuardConfig,
     pub escalation: crate::config::EscalationConfig,
-    /// The schedule firing this run is for; the commit marks it done.
+    /// The schedule firing this run is for: beginning the run marks it done
+    /// (the run, which any process can finish, carries its work from then).
     pub firing: Option<crate::store::Firing>,
-    /// Cancelled by a shutdown: evaluation stops at once (before the
-    /// commit, nothing of the run is stored).
+    /// Cancelled by a shutdown: evaluation stops at once. Partitions
+    /// committed stay; the rest are finished by whoever claims them next.
     pub cancel: Option<CancellationToken>,
     /// A dry run keeps this many of its actions in `would` (`None`: all,
     /// which `plan` needs to compare rule sets); the rest are only counted.
@@ -458,17 +627,51 @@ pub enum RunError {
     Cancelled,
 }
 
+/// What a participant needs to plan partitions of any run: the rules, the
+/// policies' settings, and a way to stop.
+pub struct Planner<'a> {
+    pub store: &'a Arc<dyn Store>,
+    pub rules: &'a Arc<RuleSet>,
+    pub default_owner: &'a Email,
+    pub policy: &'a crate::policy::PolicyConfig,
+    pub guard: &'a crate::policy::GuardConfig,
+    pub escalation: &'a crate::config::EscalationConfig,
+    pub cancel: Option<&'a CancellationToken>,
+}
+
+impl<'a> Planner<'a> {
+    fn from_options(
+        store: &'a Arc<dyn Store>,
+        rules: &'a Arc<RuleSet>,
+        default_owner: &'a Email,
+        opts: &'a RunOptions,
+    ) -> Self {
+        Self {
+            store,
+            rules,
+            default_owner,
+            policy: &opts.policy,
+            guard: &opts.guard,
+            escalation: &opts.escalation,
+            cancel: opts.cancel.as_ref(),
+        }
+    }
+}
+
 /// Evaluates, plans and (unless dry) commits and delivers.
 ///
-/// The customer base goes through in pages (partitions): each is evaluated,
-/// deduplicated against the ledger, passed through the policies and
-/// committed, then let go, so a run's memory does not grow with the base.
-/// What needs the whole run is kept as counters: the blast-radius guard's
-/// customers per rule, owners' escalations today. A partition's new emails
-/// are committed `staged` and only become deliverable when the run's guard
-/// decision is made at its end (or are held by it). A real run holds the
-/// planner lock throughout, so the ledger the policies read is the one its
-/// commits write, even with another run next door.
+/// A real run is recorded with its spec and split into partitions (ranges
+/// of about `PARTITION` customers) that any process can claim with a lease:
+/// this one, `serve` replicas next to it, the next `engaged run` if this
+/// one dies. Each partition is evaluated, deduplicated against the ledger,
+/// passed through the policies and committed together with its "done" mark,
+/// then let go, so a run's memory does not grow with the base. What needs
+/// the whole run is kept as counters per partition (the blast-radius
+/// guard's customers per rule) or read from the ledger under the planner
+/// lock (owners' escalations today). A partition's new emails are committed
+/// `staged` and become deliverable only when the run is finished, by
+/// whoever commits its last partition, with the guard's decision (or held
+/// by it). This call returns once the run is finished, by anyone.
 pub async fn run(
     store: Arc<dyn Store>,
     rules: Arc<RuleSet>,
@@ -477,62 +680,56 @@ pub async fn run(
     opts: &RunOptions,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<RunSummary, RunError> {
+    if opts.dry_run {
+        return dry_run(&store, &rules, default_owner, opts, progress).await;
+    }
+    let planner = Planner::from_options(&store, &rules, default_owner, opts);
+    // What a planner that died left unfinished is finished first (its
+    // partitions' leases ended, or its process is gone from this machine).
+    finish_abandoned(&planner).await?;
     let started_at = Utc::now();
-    let only: Option<Arc<HashSet<String>>> = opts
-        .only_rules
-        .as_ref()
-        .map(|r| Arc::new(r.iter().cloned().collect()));
-    let mut summary = RunSummary {
-        dry_run: opts.dry_run,
+    let spec = RunSpec {
         now: opts.now,
-        rules: rules
-            .rules()
-            .iter()
-            .filter(|r| only.as_ref().is_none_or(|o| o.contains(&r.id)))
-            .map(|r| (r.id.clone(), RuleSummary::default()))
-            .collect(),
-        ..Default::default()
+        only_rules: opts.only_rules.clone(),
+        changed_since: opts.changed_since,
+        base_customers: store.customer_count().await?,
     };
-    let lock = if opts.dry_run {
-        None
-    } else {
-        Some(PlannerLock::acquire(&store, opts.cancel.as_ref()).await?)
-    };
-    let planned = plan_in_partitions(
-        &store,
-        &rules,
-        only,
-        default_owner,
-        opts,
-        progress,
-        &mut summary,
-        started_at,
-    )
-    .await;
-    if let Some(lock) = lock
-        && let Err(e) = lock.release().await
-    {
-        // The plan is committed (or failed) either way; the lease frees the
-        // lock by itself.
-        tracing::warn!("Could not release the planner lock: {e}; it frees when its lease ends.");
-    }
-    let Some(outcome) = planned? else {
-        return Ok(summary);
-    };
-    summary.run_id = Some(outcome.run_id);
-    for (rule, n) in &outcome.held {
-        summary.rules.entry(rule.clone()).or_default().held = *n;
-        tracing::warn!(
-            run = outcome.run_id,
-            rule,
-            emails = n,
-            customers = summary.customers,
-            "The blast-radius guard held this rule's emails; approve with `engaged runs approve {} --rule {rule}`.",
-            outcome.run_id
-        );
-    }
+    let (run_id, partitions) = store
+        .begin_run(
+            &opts.trigger,
+            &spec,
+            started_at,
+            PARTITION,
+            opts.firing.as_ref(),
+        )
+        .await?;
     tracing::info!(
-        run = outcome.run_id,
+        run = run_id,
+        partitions,
+        changed_since = ?opts.changed_since,
+        "Run begun."
+    );
+    let mut summary = loop {
+        participate(&planner, run_id, None, progress).await?;
+        if let Some((status, summary)) = store.run_status(run_id).await?
+            && status != "planning"
+        {
+            break serde_json::from_value::<RunSummary>(summary).unwrap_or_default();
+        }
+        // Other processes hold the rest: wait for them, taking over the
+        // partitions of any that died.
+        crate::liveness::reap_dead_holders(&*store, Utc::now()).await?;
+        match opts.cancel.as_ref() {
+            Some(c) => tokio::select! {
+                _ = tokio::time::sleep(WAIT_FOR_OTHERS) => {}
+                _ = c.cancelled() => return Err(RunError::Cancelled),
+            },
+            None => tokio::time::sleep(WAIT_FOR_OTHERS).await,
+        }
+    };
+    summary.run_id = Some(run_id);
+    tracing::info!(
+        run = run_id,
         customers = summary.customers,
         "Run planned; delivering."
     );
@@ -548,7 +745,7 @@ pub async fn run(
     };
     store
         .finish_run(
-            outcome.run_id,
+            run_id,
             status,
             &serde_json::to_value(&summary).unwrap_or(Value::Null),
         )
@@ -556,62 +753,326 @@ pub async fn run(
     Ok(summary)
 }
 
-/// What planning a whole run committed.
-struct Planned {
+/// One step of a `serve` replica's share of the runs: claims a partition of
+/// any run still planning and plans that run's partitions while there are
+/// any to claim, or finishes a run whose partitions are all done (its
+/// finisher died). Returns the run it worked on, `None` when there was
+/// nothing to do.
+pub async fn help_with_runs(planner: &Planner<'_>) -> Result<Option<i64>, RunError> {
+    let holder = crate::liveness::holder_token();
+    let now = Utc::now();
+    if let Some(first) = planner
+        .store
+        .claim_partition(None, &holder, now, now + PARTITION_LEASE)
+        .await?
+    {
+        let run_id = first.run_id;
+        tracing::info!(
+            run = run_id,
+            partition = first.index,
+            "Joining a run that has partitions to plan."
+        );
+        participate_as(planner, run_id, Some(first), holder, None).await?;
+        return Ok(Some(run_id));
+    }
+    let ready = planner.store.runs_ready_to_finish().await?;
+    let Some(run) = ready.into_iter().next() else {
+        return Ok(None);
+    };
+    finish(planner, &run).await?;
+    Ok(Some(run.id))
+}
+
+/// Finishes the runs other planners left: claims what is claimable of each
+/// run still planning, and finishes those whose partitions are all done.
+async fn finish_abandoned(planner: &Planner<'_>) -> Result<(), RunError> {
+    crate::liveness::reap_dead_holders(&**planner.store, Utc::now()).await?;
+    loop {
+        let holder = crate::liveness::holder_token();
+        let now = Utc::now();
+        let Some(first) = planner
+            .store
+            .claim_partition(None, &holder, now, now + PARTITION_LEASE)
+            .await?
+        else {
+            break;
+        };
+        tracing::warn!(
+            run = first.run_id,
+            "A run that stopped between partitions is finished first."
+        );
+        participate_as(planner, first.run_id, Some(first), holder, None).await?;
+    }
+    for run in planner.store.runs_ready_to_finish().await? {
+        finish(planner, &run).await?;
+    }
+    Ok(())
+}
+
+/// Plans partitions of run `run_id` while there are any to claim, then
+/// finishes the run if they are all done.
+async fn participate(
+    planner: &Planner<'_>,
     run_id: i64,
-    /// Rules whose emails the guard held, with how many.
-    held: BTreeMap<String, usize>,
+    first: Option<Partition>,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<(), RunError> {
+    participate_as(
+        planner,
+        run_id,
+        first,
+        crate::liveness::holder_token(),
+        progress,
+    )
+    .await
 }
 
-/// What one run keeps across its partitions: counters, never actions.
-struct RunCounters {
-    /// Distinct customers each rule asked to email anew (the guard's count).
-    reach: BTreeMap<String, usize>,
-    /// Escalations each owner got in the last day, this run's included.
-    owners: HashMap<String, u32>,
+async fn participate_as(
+    planner: &Planner<'_>,
+    run_id: i64,
+    first: Option<Partition>,
+    holder: String,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<(), RunError> {
+    // The spec comes with the first claim; without one, claim to learn it.
+    let first = match first {
+        Some(p) => p,
+        None => {
+            let now = Utc::now();
+            match planner
+                .store
+                .claim_partition(Some(run_id), &holder, now, now + PARTITION_LEASE)
+                .await?
+            {
+                Some(p) => p,
+                None => {
+                    try_finish_run(planner, run_id).await?;
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let unfinished = UnfinishedRun {
+        id: run_id,
+        trigger: first.trigger.clone(),
+        started_at: first.started_at,
+        spec: first.spec.clone(),
+    };
+    let renewal = {
+        let (store, holder) = (Arc::clone(planner.store), holder.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RENEW_EVERY).await;
+                if let Err(e) = store
+                    .renew_partitions(&holder, Utc::now() + PARTITION_LEASE)
+                    .await
+                {
+                    tracing::warn!("Could not renew the leases of this run's partitions: {e}");
+                }
+            }
+        })
+    };
+    let planned = plan_claimed(planner, &unfinished, first, holder.clone(), progress).await;
+    renewal.abort();
+    if planned.is_err() {
+        // Stopped (a shutdown) or failed: what this holder claimed and did
+        // not commit is anyone's again at once, not when its lease ends.
+        match planner.store.release_partitions(&holder).await {
+            Ok(n) if n > 0 => tracing::warn!(
+                run = run_id,
+                partitions = n,
+                "Partitions of this run were left unplanned; they are pending again for any process to claim."
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                "Could not give back this run's claimed partitions: {e}; their leases end by themselves."
+            ),
+        }
+    }
+    planned?;
+    try_finish_run(planner, run_id).await
 }
 
-/// Evaluates and plans a run page by page; `None` for a dry run.
-#[allow(clippy::too_many_arguments)]
-async fn plan_in_partitions(
+/// Evaluates and commits claimed partitions until none is left to claim.
+async fn plan_claimed(
+    planner: &Planner<'_>,
+    run: &UnfinishedRun,
+    first: Partition,
+    holder: String,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<(), RunError> {
+    let only: Option<Arc<HashSet<String>>> = run
+        .spec
+        .only_rules
+        .as_ref()
+        .map(|r| Arc::new(r.iter().cloned().collect()));
+    let mut pages = Pages::new(
+        &**planner.store,
+        Arc::clone(planner.rules),
+        only,
+        run.spec.now,
+        planner.default_owner,
+        progress,
+        planner.cancel,
+        Source::Claims {
+            run: run.id,
+            holder: holder.clone(),
+            first: Some(first),
+        },
+    );
+    while let Some(page) = pages.next().await? {
+        let mut part = PartitionSummary::default();
+        plan_partition(planner, run.spec.now, Some(&run.trigger), page, &mut part).await?;
+    }
+    Ok(())
+}
+
+/// Finishes run `run_id` if its partitions are all done and nobody else
+/// finished it.
+async fn try_finish_run(planner: &Planner<'_>, run_id: i64) -> Result<(), RunError> {
+    let ready = planner.store.runs_ready_to_finish().await?;
+    if let Some(run) = ready.iter().find(|r| r.id == run_id) {
+        finish(planner, run).await?;
+    }
+    Ok(())
+}
+
+/// Finishes a run whose partitions are all done: adds up their counts, makes
+/// the blast-radius guard's decision per rule, releases (or holds) the
+/// staged emails and records the summary, once: a second finisher finds
+/// the run finished and leaves it. Then reminders of escalations are due.
+async fn finish(planner: &Planner<'_>, run: &UnfinishedRun) -> Result<(), RunError> {
+    let parts = planner.store.run_partitions(run.id).await?;
+    if parts.iter().any(|p| p.status != "done") {
+        return Ok(());
+    }
+    let mut summary = RunSummary {
+        run_id: Some(run.id),
+        now: run.spec.now,
+        rules: planner
+            .rules
+            .rules()
+            .iter()
+            .filter(|r| {
+                run.spec
+                    .only_rules
+                    .as_ref()
+                    .is_none_or(|o| o.contains(&r.id))
+            })
+            .map(|r| (r.id.clone(), RuleSummary::default()))
+            .collect(),
+        partitions: parts.len() as u64,
+        changed_since: run.spec.changed_since,
+        ..Default::default()
+    };
+    let mut reach: BTreeMap<String, usize> = BTreeMap::new();
+    for p in &parts {
+        let part: PartitionSummary = p
+            .summary
+            .clone()
+            .and_then(|s| serde_json::from_value(s).ok())
+            .unwrap_or_default();
+        let replica = summary
+            .replicas
+            .entry(crate::liveness::process_of(p.holder.as_deref().unwrap_or("unknown")).to_owned())
+            .or_default();
+        replica.partitions += 1;
+        replica.customers += part.customers;
+        for (rule, n) in &part.reach {
+            *reach.entry(rule.clone()).or_default() += n;
+        }
+        summary.absorb(part);
+        summary.phases.commit += p.commit_seconds;
+        for (rule, c) in p.counts.iter().flatten() {
+            let s = summary.rules.entry(rule.clone()).or_default();
+            s.planned += c.planned;
+            s.deduplicated += c.deduplicated;
+        }
+    }
+    summary.evaluation_seconds = (Utc::now() - run.started_at).as_seconds_f64();
+    // The guard's denominator is the base: a run over what changed must
+    // not hold a welcome to most of the few who signed up this minute.
+    let base = if run.spec.changed_since.is_some() {
+        run.spec.base_customers
+    } else {
+        summary.customers
+    };
+    let hold = guard_holds(&reach, base, planner.guard);
+    for rule in hold.keys() {
+        // Until the final count below: the run's new emails of the rule.
+        summary.rules.entry(rule.clone()).or_default();
+    }
+    let held = match planner
+        .store
+        .finish_plan(
+            run.id,
+            &hold,
+            &serde_json::to_value(&summary).unwrap_or(Value::Null),
+        )
+        .await
+    {
+        Ok(held) => held,
+        // Someone else finished it meanwhile.
+        Err(StoreError::LeaseLost(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for (rule, n) in &held {
+        summary.rules.entry(rule.clone()).or_default().held = *n;
+        tracing::warn!(
+            run = run.id,
+            rule,
+            emails = n,
+            customers = summary.customers,
+            "The blast-radius guard held this rule's emails; approve with `engaged runs approve {} --rule {rule}`.",
+            run.id
+        );
+    }
+    renotify(&**planner.store, planner.escalation, run.id, run.spec.now).await?;
+    // The summary with the held counts; a run's starter adds its delivery.
+    planner
+        .store
+        .finish_run(
+            run.id,
+            "completed",
+            &serde_json::to_value(&summary).unwrap_or(Value::Null),
+        )
+        .await?;
+    tracing::info!(
+        run = run.id,
+        trigger = %run.trigger,
+        partitions = summary.partitions,
+        customers = summary.customers,
+        "Run finished planning."
+    );
+    Ok(())
+}
+
+/// A dry run: the base a page at a time through the same evaluation and
+/// policies, reading (never writing) the ledger.
+async fn dry_run(
     store: &Arc<dyn Store>,
     rules: &Arc<RuleSet>,
-    only: Option<Arc<HashSet<String>>>,
     default_owner: &Email,
     opts: &RunOptions,
     progress: Option<&indicatif::ProgressBar>,
-    summary: &mut RunSummary,
-    started_at: DateTime<Utc>,
-) -> Result<Option<Planned>, RunError> {
-    let run_id = if opts.dry_run {
-        None
-    } else {
-        // Under the planner lock: a run still planning is one whose planner
-        // died; its staged emails go (never sent), the rest of it stays.
-        let abandoned = store.abandon_unfinished_runs(Utc::now()).await?;
-        if abandoned > 0 {
-            tracing::warn!(
-                runs = abandoned,
-                "A run that stopped mid-plan was abandoned; its staged emails are planned afresh."
-            );
-        }
-        Some(store.begin_run(&opts.trigger, opts.now, started_at).await?)
-    };
-    let mut counters = RunCounters {
-        reach: BTreeMap::new(),
-        owners: if opts.escalation.owner_daily_cap > 0 {
-            store
-                .owner_escalation_counts(opts.now - chrono::Duration::days(1))
-                .await?
-        } else {
-            HashMap::new()
-        },
+) -> Result<RunSummary, RunError> {
+    let planner = Planner::from_options(store, rules, default_owner, opts);
+    let only: Option<Arc<HashSet<String>>> = opts
+        .only_rules
+        .as_ref()
+        .map(|r| Arc::new(r.iter().cloned().collect()));
+    let mut summary = RunSummary {
+        dry_run: true,
+        now: opts.now,
+        rules: rules
+            .rules()
+            .iter()
+            .filter(|r| only.as_ref().is_none_or(|o| o.contains(&r.id)))
+            .map(|r| (r.id.clone(), RuleSummary::default()))
+            .collect(),
+        ..Default::default()
     };
     let started = Instant::now();
-    let total = match run_id {
-        Some(_) => store.customer_count().await?,
-        None => 0,
-    };
     let mut pages = Pages::new(
         &**store,
         Arc::clone(rules),
@@ -620,55 +1081,39 @@ async fn plan_in_partitions(
         default_owner,
         progress,
         opts.cancel.as_ref(),
+        Source::Base { after: None },
     );
+    let mut reach: BTreeMap<String, usize> = BTreeMap::new();
+    let mut owners: HashMap<String, u32> = HashMap::new();
     while let Some(page) = pages.next().await? {
-        summary.customers += page.eval.customers;
-        summary.evaluations += page.eval.evaluations;
-        summary.rule_seconds += page.eval.rule_seconds;
-        summary.phases.load += page.eval.load_seconds;
-        summary.phases.evaluate += page.eval.rule_seconds;
-        tally(&page.eval, &mut summary.rules);
-        let room = MAX_ERRORS_IN_SUMMARY.saturating_sub(summary.errors.len());
-        summary
-            .errors
-            .extend(page.eval.errors.iter().take(room).cloned());
-        plan_partition(
-            &**store,
-            rules,
-            default_owner,
-            opts,
-            page,
-            summary,
-            &mut counters,
-            run_id,
-            started_at,
-        )
-        .await?;
-        if let Some(id) = run_id {
-            // `engaged runs` shows how far a run got while it goes.
-            let progress = json!({"progress": {"customers": summary.customers, "of": total}});
-            store.record_progress(id, &progress).await?;
+        let mut part = PartitionSummary::default();
+        let dry = DryRun {
+            owners: &mut owners,
+            would_limit: opts.would_limit,
+            would: &mut summary.would,
+            would_total: &mut summary.would_total,
+        };
+        plan_dry_partition(&planner, opts.now, page, &mut part, dry).await?;
+        for (rule, n) in &part.reach {
+            *reach.entry(rule.clone()).or_default() += n;
         }
+        summary.absorb(part);
     }
     summary.evaluation_seconds = started.elapsed().as_secs_f64();
-    let hold = guard_holds(&counters.reach, summary.customers, &opts.guard);
-    let Some(run_id) = run_id else {
-        for rule in hold.keys() {
-            let s = summary.rules.entry(rule.clone()).or_default();
-            s.held = s.emails;
-        }
-        return Ok(None);
-    };
-    let held = store
-        .finish_plan(
-            run_id,
-            &hold,
-            &serde_json::to_value(&*summary).unwrap_or(Value::Null),
-            opts.firing.as_ref(),
-        )
-        .await?;
-    renotify(&**store, &opts.escalation, run_id, opts.now).await?;
-    Ok(Some(Planned { run_id, held }))
+    for rule in guard_holds(&reach, summary.customers, &opts.guard).keys() {
+        let s = summary.rules.entry(rule.clone()).or_default();
+        s.held = s.emails;
+    }
+    Ok(summary)
+}
+
+/// What a dry run keeps across its pages.
+struct DryRun<'a> {
+    /// Owners' escalations today: from the ledger, plus this dry run's.
+    owners: &'a mut HashMap<String, u32>,
+    would_limit: Option<usize>,
+    would: &'a mut Vec<WouldDo>,
+    would_total: &'a mut Option<u64>,
 }
 
 /// Counts what the rules asked for, per rule.
@@ -687,33 +1132,31 @@ fn tally(eval: &Evaluation, per_rule: &mut BTreeMap<String, RuleSummary>) {
     }
 }
 
-/// One partition of a run: dedup against the ledger, the policies, the
-/// commit (unless dry), and what the run says about the open escalations of
-/// the partition's customers.
-#[allow(clippy::too_many_arguments)]
-async fn plan_partition(
-    store: &dyn Store,
-    rules: &RuleSet,
-    default_owner: &Email,
-    opts: &RunOptions,
-    page: EvaluatedPage,
-    summary: &mut RunSummary,
-    counters: &mut RunCounters,
-    run_id: Option<i64>,
-    started_at: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let EvaluatedPage {
-        first,
-        last,
-        mut eval,
-    } = page;
-    // Keys already in the ledger: those actions are deduplicated, so only
-    // the rest compete for the guard, the cap and the audit trail.
-    let started = Instant::now();
-    let keys = action_keys(&eval.outgoing);
-    let existing = store.existing_dedup_keys(&keys).await?;
-    summary.phases.dedup += started.elapsed().as_secs_f64();
-    let started = Instant::now();
+/// A page's evaluation counts into its partition summary.
+fn count_evaluation(page: &EvaluatedPage, part: &mut PartitionSummary) {
+    part.customers += page.eval.customers;
+    part.evaluations += page.eval.evaluations;
+    part.rule_seconds += page.eval.rule_seconds;
+    part.phases.load += page.eval.load_seconds;
+    part.phases.evaluate += page.eval.rule_seconds;
+    tally(&page.eval, &mut part.rules);
+    part.errors
+        .extend(page.eval.errors.iter().take(MAX_ERRORS_IN_SUMMARY).cloned());
+}
+
+/// The policies over one page's plan, in order: what the ledger already
+/// has, copies, the guard's count, suppressions, the frequency cap, send
+/// windows, owners' caps. Returns the decisions to record and the copies
+/// that rejoin the plan. `owners` holds the owners' escalations today.
+async fn apply_policies(
+    planner: &Planner<'_>,
+    now: DateTime<Utc>,
+    eval: &mut Evaluation,
+    existing: &HashSet<String>,
+    part: &mut PartitionSummary,
+    owners: &mut HashMap<String, u32>,
+) -> Result<Vec<Decision>, StoreError> {
+    let store = &**planner.store;
     // An action asked for twice in one run (send_email in a loop, two rules
     // tagging alike) is one action: only its first request meets the
     // policies (a copy must not eat cap room or repeat a decision); the
@@ -723,33 +1166,31 @@ async fn plan_partition(
     // The guard judges what each rule wants to send (before suppressions and
     // the cap trim it), so a bad edit cannot trickle out under the cap. A
     // customer is in one partition only, so the counts add up.
-    for (rule, n) in guard_reach(&eval.outgoing, &existing) {
-        *counters.reach.entry(rule).or_default() += n;
-    }
-    let mut decisions = drop_suppressed(store, &existing, &mut eval.outgoing).await?;
+    part.reach = guard_reach(&eval.outgoing, existing);
+    let mut decisions = drop_suppressed(store, existing, &mut eval.outgoing).await?;
     for d in &decisions {
-        summary.rules.entry(d.rule.clone()).or_default().suppressed += 1;
+        part.rules.entry(d.rule.clone()).or_default().suppressed += 1;
     }
-    if let Some(cap) = opts.policy.frequency_cap {
+    if let Some(cap) = planner.policy.frequency_cap {
         let (capped, deferred) =
-            apply_frequency_cap(store, rules, &existing, cap, opts.now, &mut eval.outgoing).await?;
+            apply_frequency_cap(store, planner.rules, existing, cap, now, &mut eval.outgoing)
+                .await?;
         for rule in capped {
-            summary.rules.entry(rule).or_default().capped += 1;
+            part.rules.entry(rule).or_default().capped += 1;
         }
         decisions.extend(deferred);
     }
-    if let Some(window) = opts.policy.window().ok().flatten() {
-        let fallback = opts.policy.default_tz().unwrap_or(chrono_tz::UTC);
-        for d in apply_send_window(window, fallback, opts.now, &existing, &mut eval.outgoing) {
-            summary
-                .rules
+    if let Some(window) = planner.policy.window().ok().flatten() {
+        let fallback = planner.policy.default_tz().unwrap_or(chrono_tz::UTC);
+        for d in apply_send_window(window, fallback, now, existing, &mut eval.outgoing) {
+            part.rules
                 .entry(d.rule.clone())
                 .or_default()
                 .waiting_for_window += 1;
             decisions.push(d);
         }
     }
-    if opts.escalation.owner_daily_cap > 0 {
+    if planner.escalation.owner_daily_cap > 0 {
         // Re-fires of escalations already open open nothing new: they do
         // not count against an owner's cap.
         let pairs = escalation_pairs(&eval.outgoing);
@@ -759,9 +1200,9 @@ async fn plan_partition(
             &mut eval.outgoing,
             &open,
             &resolved,
-            &mut counters.owners,
-            opts.escalation.owner_daily_cap,
-            default_owner,
+            owners,
+            planner.escalation.owner_daily_cap,
+            planner.default_owner,
         );
     }
     let planned: HashSet<String> = action_keys(&eval.outgoing).into_iter().collect();
@@ -769,12 +1210,109 @@ async fn plan_partition(
         Outgoing::Action(a) => planned.contains(&a.dedup_key),
         Outgoing::Escalation(_) => true,
     }));
-    let Some(run_id) = run_id else {
-        mark_dry_run_duplicates(store, &existing, &eval, summary, opts.would_limit).await?;
-        summary.phases.policies += started.elapsed().as_secs_f64();
+    Ok(decisions)
+}
+
+/// Owners of a plan's escalations that no count is known for yet.
+fn unknown_owners(outgoing: &[Outgoing], known: &HashMap<String, u32>) -> Vec<String> {
+    let owners: HashSet<&str> = outgoing
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Escalation(e) if !known.contains_key(&e.owner) => Some(e.owner.as_str()),
+            _ => None,
+        })
+        .collect();
+    owners.into_iter().map(str::to_owned).collect()
+}
+
+/// One page of a dry run: dedup against the ledger and the policies, read
+/// only; what it would do goes into `dry`.
+async fn plan_dry_partition(
+    planner: &Planner<'_>,
+    now: DateTime<Utc>,
+    mut page: EvaluatedPage,
+    part: &mut PartitionSummary,
+    dry: DryRun<'_>,
+) -> Result<(), StoreError> {
+    count_evaluation(&page, part);
+    let store = &**planner.store;
+    let started = Instant::now();
+    let keys = action_keys(&page.eval.outgoing);
+    let existing = store.existing_dedup_keys(&keys).await?;
+    part.phases.dedup += started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    if planner.escalation.owner_daily_cap > 0 {
+        let missing = unknown_owners(&page.eval.outgoing, dry.owners);
+        if !missing.is_empty() {
+            let since = now - chrono::Duration::days(1);
+            let counts = store.owner_escalation_counts(&missing, since).await?;
+            for owner in missing {
+                let n = counts.get(&owner).copied().unwrap_or(0);
+                dry.owners.insert(owner, n);
+            }
+        }
+    }
+    apply_policies(planner, now, &mut page.eval, &existing, part, dry.owners).await?;
+    mark_dry_run_duplicates(store, &existing, &page.eval, part, dry).await?;
+    part.phases.policies += started.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// One claimed partition of a real run: dedup against the ledger, the
+/// policies and the commit (with the partition's "done" mark) under the
+/// planner lock, and what the run says about the open escalations of the
+/// partition's customers.
+async fn plan_partition(
+    planner: &Planner<'_>,
+    now: DateTime<Utc>,
+    trigger: Option<&str>,
+    mut page: EvaluatedPage,
+    part: &mut PartitionSummary,
+) -> Result<(), RunError> {
+    count_evaluation(&page, part);
+    let Some(partition) = page.partition.take() else {
         return Ok(());
     };
-    summary.phases.policies += started.elapsed().as_secs_f64();
+    // One planner at a time reads the ledger the policies need and writes
+    // it: another run (another schedule, a CLI run next to `serve`) must not
+    // see the same room under a cap.
+    let lock = PlannerLock::acquire(planner.store, planner.cancel).await?;
+    let planned = commit_partition(planner, now, trigger, page, part, &partition).await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!("Could not release the planner lock: {e}; it frees when its lease ends.");
+    }
+    planned?;
+    Ok(())
+}
+
+async fn commit_partition(
+    planner: &Planner<'_>,
+    now: DateTime<Utc>,
+    trigger: Option<&str>,
+    page: EvaluatedPage,
+    part: &mut PartitionSummary,
+    partition: &Partition,
+) -> Result<(), StoreError> {
+    let store = &**planner.store;
+    let EvaluatedPage { ids, mut eval, .. } = page;
+    // Keys already in the ledger: those actions are deduplicated, so only
+    // the rest compete for the guard, the cap and the audit trail.
+    let started = Instant::now();
+    let keys = action_keys(&eval.outgoing);
+    let existing = store.existing_dedup_keys(&keys).await?;
+    part.phases.dedup += started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut owners = HashMap::new();
+    if planner.escalation.owner_daily_cap > 0 {
+        // From the ledger, under the lock: earlier partitions' escalations
+        // (this run's, other replicas') are committed and count.
+        let wanted = unknown_owners(&eval.outgoing, &owners);
+        owners = store
+            .owner_escalation_counts(&wanted, now - chrono::Duration::days(1))
+            .await?;
+    }
+    let decisions = apply_policies(planner, now, &mut eval, &existing, part, &mut owners).await?;
+    part.phases.policies += started.elapsed().as_secs_f64();
     let started = Instant::now();
     // What this run says about open escalations: which (customer, rule)
     // pairs escalated again, and which could not be evaluated.
@@ -791,13 +1329,19 @@ async fn plan_partition(
         .iter()
         .map(|e| (e.customer_id.to_string(), e.rule.clone()))
         .collect();
+    part.holder = partition.holder.clone();
     let mut commit = PlanCommit {
-        trigger: opts.trigger.clone(),
-        now: opts.now,
-        started_at,
+        trigger: trigger.unwrap_or_default().to_owned(),
+        now,
+        started_at: partition.started_at,
         errors: eval.errors,
         decisions,
-        partition_of: Some(run_id),
+        partition: Some(PartitionDone {
+            run_id: partition.run_id,
+            index: partition.index,
+            holder: partition.holder.clone(),
+            summary: serde_json::to_value(&*part).unwrap_or(Value::Null),
+        }),
         ..Default::default()
     };
     for o in eval.outgoing {
@@ -806,18 +1350,25 @@ async fn plan_partition(
             Outgoing::Escalation(e) => commit.escalations.push(e),
         }
     }
-    let outcome = store.commit_plan(commit).await?;
-    for (rule, counts) in &outcome.per_rule {
-        let s = summary.rules.entry(rule.clone()).or_default();
-        s.planned += counts.planned;
-        s.deduplicated += counts.deduplicated;
-    }
+    store.commit_plan(commit).await?;
     // Still under the lock: another run's new escalations must not be judged
     // by this run's (older) evaluation as recovered.
-    let open = store.open_escalations_in_id_range(&first, &last).await?;
-    let evaluated: HashSet<&str> = summary.rules.keys().map(String::as_str).collect();
-    mark_recovered(store, &open, &evaluated, &escalated, &errored, opts.now).await?;
-    summary.phases.commit += started.elapsed().as_secs_f64();
+    let open = store.open_escalations_of(&ids).await?;
+    let evaluated: HashSet<&str> = planner
+        .rules
+        .rules()
+        .iter()
+        .filter(|r| {
+            partition
+                .spec
+                .only_rules
+                .as_ref()
+                .is_none_or(|o| o.contains(&r.id))
+        })
+        .map(|r| r.id.as_str())
+        .collect();
+    mark_recovered(store, &open, &evaluated, &escalated, &errored, now).await?;
+    part.phases.commit += started.elapsed().as_secs_f64();
     Ok(())
 }
 
@@ -1262,9 +1813,10 @@ async fn mark_dry_run_duplicates(
     store: &dyn Store,
     existing: &HashSet<String>,
     eval: &Evaluation,
-    summary: &mut RunSummary,
-    limit: Option<usize>,
+    part: &mut PartitionSummary,
+    dry: DryRun<'_>,
 ) -> Result<(), StoreError> {
+    let limit = dry.would_limit;
     let pairs = escalation_pairs(&eval.outgoing);
     let open = store.open_escalation_pairs(&pairs).await?;
     let mut seen = std::collections::HashSet::new();
@@ -1279,18 +1831,18 @@ async fn mark_dry_run_duplicates(
                 &e.customer_id,
             ),
         };
-        let s = summary.rules.entry(o.rule().to_owned()).or_default();
+        let s = part.rules.entry(o.rule().to_owned()).or_default();
         if dup {
             s.deduplicated += 1;
         } else {
             s.planned += 1;
         }
-        *summary.would_total.get_or_insert(0) += 1;
-        if limit.is_some_and(|n| summary.would.len() >= n) {
+        *dry.would_total.get_or_insert(0) += 1;
+        if limit.is_some_and(|n| dry.would.len() >= n) {
             continue;
         }
         let (kind, action) = kind_label(o);
-        summary.would.push(WouldDo {
+        dry.would.push(WouldDo {
             customer_id: customer.to_string(),
             rule: o.rule().to_owned(),
             kind: kind.to_owned(),

@@ -30,6 +30,7 @@ pub struct Schedule {
     pub rules: Option<Vec<String>>,
     pub missed: MissedPolicy,
     pub grace: Duration,
+    pub customers: crate::config::CustomerScope,
 }
 
 impl Schedule {
@@ -65,6 +66,7 @@ impl Schedule {
             },
             tz,
             rules: c.rules.clone(),
+            customers: c.customers,
             missed: c.missed,
             grace: Duration::minutes(i64::from(c.grace_minutes)),
         })
@@ -190,6 +192,7 @@ mod tests {
             rules: None,
             missed,
             grace_minutes: 720,
+            customers: Default::default(),
         })
         .unwrap()
     }
@@ -271,6 +274,7 @@ mod tests {
                 rules: None,
                 missed: MissedPolicy::CatchUp,
                 grace_minutes: 60,
+                customers: Default::default(),
             })
             .unwrap_err();
             assert!(

@@ -78,6 +78,7 @@ pub fn fire_times(
             rules: None,
             missed: Default::default(),
             grace_minutes: 0,
+            customers: Default::default(),
         })?);
     }
     let mut times = Vec::new();
@@ -614,9 +615,10 @@ impl Simulator<'_> {
                 continue;
             }
             let since = *at - Duration::days(1);
+            let owners: Vec<String> = proposed[k].keys().cloned().collect();
             let mut used: HashMap<String, u64> = self
                 .store
-                .owner_escalation_counts(since)
+                .owner_escalation_counts(&owners, since)
                 .await?
                 .into_iter()
                 .map(|(o, n)| (o, u64::from(n)))

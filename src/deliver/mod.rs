@@ -51,7 +51,7 @@ pub enum MailTransport {
 }
 
 /// Counts from delivery passes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DeliveryReport {
     pub sent: usize,
     pub failed: usize,

@@ -142,7 +142,7 @@ pub struct DecisionRecord {
 }
 
 /// A rule error recorded in a run's report.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct RuleErrorRecord {
     pub rule: String,
     pub customer_id: CustomerId,
@@ -167,15 +167,85 @@ pub struct PlanCommit {
     /// The schedule firing this run is for: marked done with the run, in
     /// the same transaction, so a crash after the commit never runs it again.
     pub firing: Option<Firing>,
-    /// A partition of a run begun with `begin_run`: its actions join that
-    /// run, and its new emails are `staged` (never delivered) until
-    /// `finish_plan` releases or holds them. `firing` and `hold` are then
+    /// A partition of a run begun with `begin_run`, claimed by its holder:
+    /// its actions join that run, its new emails are `staged` (never
+    /// delivered) until `finish_plan` releases or holds them, and the
+    /// partition is marked done with its summary in the same transaction
+    /// (so a crash leaves it all or nothing). `firing` and `hold` are then
     /// `finish_plan`'s business and ignored here.
-    pub partition_of: Option<i64>,
+    pub partition: Option<PartitionDone>,
+}
+
+/// A claimed partition being committed: the claim it must still hold, and
+/// what its evaluation counted (`PartitionSummary` as JSON).
+#[derive(Clone, Debug, Default)]
+pub struct PartitionDone {
+    pub run_id: i64,
+    pub index: u32,
+    pub holder: String,
+    pub summary: Value,
+}
+
+/// What every participant of a partitioned run evaluates with, stored with
+/// the run so that any replica (or a later `engaged run`) can finish it
+/// exactly as it was begun.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct RunSpec {
+    /// The evaluation time.
+    pub now: DateTime<Utc>,
+    /// Only these rules (a schedule's subset); `None` = all.
+    pub only_rules: Option<Vec<String>>,
+    /// Only customers whose data changed at or after this (a schedule with
+    /// `customers = "changed"`); `None` = the whole base.
+    pub changed_since: Option<DateTime<Utc>>,
+    /// Customers in the base when the run began: the blast-radius guard's
+    /// denominator, whether the run covers all of them or what changed.
+    pub base_customers: u64,
+}
+
+/// One claimed partition of a run: the customers with ids in `[start, end)`
+/// (no `end`: to the last), restricted to what changed when the run's spec
+/// says so.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Partition {
+    pub run_id: i64,
+    pub index: u32,
+    pub start: String,
+    pub end: Option<String>,
+    pub holder: String,
+    pub trigger: String,
+    pub started_at: DateTime<Utc>,
+    pub spec: RunSpec,
+}
+
+/// A run still planning, as its finisher needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnfinishedRun {
+    pub id: i64,
+    pub trigger: String,
+    pub started_at: DateTime<Utc>,
+    pub spec: RunSpec,
+}
+
+/// A partition of a run as recorded.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PartitionRecord {
+    pub index: u32,
+    /// `pending`, `claimed` or `done`.
+    pub status: String,
+    pub holder: Option<String>,
+    /// How many times it was claimed (more than once: taken over).
+    pub claims: u32,
+    /// Its `PartitionSummary` (done partitions).
+    pub summary: Option<Value>,
+    /// What its commit counted per rule (done partitions).
+    pub counts: Option<BTreeMap<String, RuleCommitCounts>>,
+    /// How long its commit took, in seconds (done partitions).
+    pub commit_seconds: f64,
 }
 
 /// Per-rule counts of what committing a plan did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RuleCommitCounts {
     pub planned: usize,
     pub deduplicated: usize,
@@ -295,6 +365,8 @@ pub struct ReleasedLeases {
     pub planner_lock: bool,
     /// Claimed outbox rows made pending again.
     pub actions: u64,
+    /// Claimed partitions of runs made pending again.
+    pub partitions: u64,
 }
 
 /// A schedule firing as recorded.
@@ -360,6 +432,9 @@ pub struct RunRecord {
     pub summary: Value,
     /// Emails of this run waiting for approval, per rule.
     pub held: BTreeMap<String, u64>,
+    /// Partitions done and in all (a run still planning shows how far it got).
+    pub partitions_done: u64,
+    pub partitions: u64,
 }
 
 /// Outbox counts by status.
@@ -434,31 +509,77 @@ pub trait Store: Send + Sync {
     /// and each opened escalation enqueues a notice to its owner. Tags are
     /// applied at once.
     async fn commit_plan(&self, plan: PlanCommit) -> StoreResult<CommitOutcome>;
-    /// Records a run that will be committed in partitions (`planning`).
+    /// Records a run that will be committed in partitions (`planning`), in
+    /// one transaction: the run with its spec, its partitions (ranges of
+    /// about `partition_size` customers of the base, or of those changed
+    /// since `spec.changed_since`), and its firing marked done with it (the
+    /// run now carries the firing's work: whoever finishes the run finishes
+    /// it). Fails with `LeaseLost` if the firing is no longer this holder's.
+    /// Returns the run's id and how many partitions it has.
     async fn begin_run(
         &self,
         trigger: &str,
-        now: DateTime<Utc>,
+        spec: &RunSpec,
         started_at: DateTime<Utc>,
-    ) -> StoreResult<i64>;
-    /// Ends the planning of a partitioned run, in one transaction: the staged
-    /// emails of the rules in `hold` are held (with the reason), the others
-    /// become pending; the run is `planned` (or `held`) with `summary`; its
-    /// firing is done. Returns how many emails each held rule has waiting.
+        partition_size: usize,
+        firing: Option<&Firing>,
+    ) -> StoreResult<(i64, u32)>;
+    /// Claims the first partition (of run `run`, or of any run still
+    /// planning) that is pending, or claimed by a holder whose lease ended
+    /// before `now`, for `holder` until `until`. Replicas skip partitions
+    /// others are claiming (`FOR UPDATE SKIP LOCKED`).
+    async fn claim_partition(
+        &self,
+        run: Option<i64>,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<Option<Partition>>;
+    /// Extends the leases of the partitions `holder` has claimed and not
+    /// finished; returns how many.
+    async fn renew_partitions(&self, holder: &str, until: DateTime<Utc>) -> StoreResult<u64>;
+    /// Gives back the partitions `holder` claimed and did not finish (a
+    /// shutdown): pending again, for anyone to claim at once.
+    async fn release_partitions(&self, holder: &str) -> StoreResult<u64>;
+    /// The partitions of a run, in order.
+    async fn run_partitions(&self, run_id: i64) -> StoreResult<Vec<PartitionRecord>>;
+    /// Runs still planning whose partitions are all done (their finisher
+    /// died before finishing them), oldest first.
+    async fn runs_ready_to_finish(&self) -> StoreResult<Vec<UnfinishedRun>>;
+    /// The status of a run, if it exists.
+    async fn run_status(&self, run_id: i64) -> StoreResult<Option<(String, Value)>>;
+    /// Every change to customers' data (`customer_changes`) stamped before
+    /// this time was visible to the last run of `trigger` when it began (it
+    /// covers those customers, finished or not); `None` before its first
+    /// run. On SQLite that is the run's start (a change is stamped under the
+    /// write lock, so one committed later is stamped later); on PostgreSQL
+    /// a minute earlier, for transactions in flight and replicas' clocks.
+    async fn changes_seen_by_last_run(&self, trigger: &str) -> StoreResult<Option<DateTime<Utc>>>;
+    /// The customers of a partition, by id (its changed ones when the spec
+    /// says so).
+    async fn partition_customers(&self, partition: &Partition) -> StoreResult<Vec<Customer>>;
+    /// Histories (as `histories_in_id_range`) of these customers.
+    async fn histories_of(
+        &self,
+        ids: &[CustomerId],
+        until: DateTime<Utc>,
+    ) -> StoreResult<Vec<(CustomerId, Vec<HistoryEvent>)>>;
+    /// Tags of these customers.
+    async fn tags_of(&self, ids: &[CustomerId]) -> StoreResult<Vec<(CustomerId, String)>>;
+    /// Open (or acknowledged) escalations of these customers.
+    async fn open_escalations_of(&self, ids: &[CustomerId]) -> StoreResult<Vec<EscalationRecord>>;
+    /// Ends the planning of a partitioned run whose partitions are all done,
+    /// in one transaction: the staged emails of the rules in `hold` are held
+    /// (with the reason), the others become pending; the run is `planned`
+    /// (or `held`) with `summary`. Returns how many emails each held rule
+    /// has waiting. `LeaseLost` when the run is no longer planning (someone
+    /// else finished it) or still has partitions to plan.
     async fn finish_plan(
         &self,
         run_id: i64,
         hold: &BTreeMap<String, String>,
         summary: &Value,
-        firing: Option<&Firing>,
     ) -> StoreResult<BTreeMap<String, usize>>;
-    /// Records how far a run still planning got (its summary meanwhile).
-    async fn record_progress(&self, run_id: i64, progress: &Value) -> StoreResult<()>;
-    /// Runs still `planning` whose planner is gone (call under the planner
-    /// lock): their staged emails are deleted (never sent, so their keys are
-    /// free for the next run to plan again) and they are marked `abandoned`.
-    /// Returns how many runs were abandoned.
-    async fn abandon_unfinished_runs(&self, at: DateTime<Utc>) -> StoreResult<u64>;
     /// Open (or acknowledged) escalations of customers with ids in `first..=last`.
     async fn open_escalations_in_id_range(
         &self,
@@ -545,9 +666,11 @@ pub trait Store: Send + Sync {
         run_id: i64,
         at: DateTime<Utc>,
     ) -> StoreResult<bool>;
-    /// Escalations opened for each owner by runs evaluated since `since`.
+    /// Escalations opened for each of `owners` by runs evaluated since
+    /// `since` (those already committed, the current run's included).
     async fn owner_escalation_counts(
         &self,
+        owners: &[String],
         since: DateTime<Utc>,
     ) -> StoreResult<std::collections::HashMap<String, u32>>;
     /// Marks escalations recovered (`recovered = true`) or not any more.
@@ -613,7 +736,7 @@ pub trait Store: Send + Sync {
 
     // --- leases ---
     /// Every holder token of a lease now held: running firings, the planner
-    /// lock, claimed outbox rows.
+    /// lock, claimed outbox rows, claimed partitions of runs.
     async fn lease_holders(&self) -> StoreResult<Vec<String>>;
     /// Releases every lease of the process `process` (the part of holder
     /// tokens before `/`), which died: its running firings are pending again,

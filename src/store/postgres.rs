@@ -32,7 +32,8 @@ use sqlx::{Connection, PgPool, Postgres, Row};
 
 use super::rows::{
     action_from_row, corrupt, customer_from_row, decision_from_row, escalation_from_row,
-    event_from_row, id_of, json_of,
+    event_from_row, id_of, json_of, partition_from_rows, partition_ranges,
+    partition_record_from_row, unfinished_run_from_row,
 };
 use super::*;
 use crate::domain::{Customer, CustomerId, CustomerPatch, Event};
@@ -177,6 +178,40 @@ fn strings<'a>(items: impl Iterator<Item = &'a str>) -> Vec<String> {
 
 type Tx = sqlx::Transaction<'static, Postgres>;
 
+/// Records that these customers' data changed at `at` (for schedules that
+/// evaluate only what changed). Sorted and distinct: concurrent batches take
+/// row locks in one order, and one statement touches each row once.
+async fn mark_changed<'a>(
+    tx: &mut Tx,
+    ids: impl Iterator<Item = &'a str>,
+    at: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO customer_changes (customer_id, changed_at)
+         SELECT DISTINCT u.id, $2::bigint FROM unnest($1::text[]) AS u(id) ORDER BY u.id
+         ON CONFLICT (customer_id) DO UPDATE SET changed_at = excluded.changed_at",
+    )
+    .bind(strings(ids))
+    .bind(at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// One customer's history from `json_agg(json_build_array(name, at, properties))`.
+fn history_from_row(r: &sqlx::postgres::PgRow) -> StoreResult<(CustomerId, Vec<HistoryEvent>)> {
+    let id: String = r.try_get(0)?;
+    let history: &str = r.try_get(1)?;
+    let raw: Vec<(String, i64, Value)> =
+        serde_json::from_str(history).map_err(|e| corrupt("events", e.to_string()))?;
+    Ok((
+        id_of(&id, "events")?,
+        raw.into_iter()
+            .map(|(name, at, props)| (name, from_millis(at), props))
+            .collect(),
+    ))
+}
+
 impl PostgresStore {
     async fn upsert_customers_once(&self, patches: &[CustomerPatch]) -> StoreResult<Vec<Upsert>> {
         let mut tx = self.pool.begin().await?;
@@ -195,6 +230,7 @@ impl PostgresStore {
                     .filter(|p| !inserted.contains(p.id.as_str()))
                     .collect();
                 patch_customers(&mut tx, now, &known).await?;
+                mark_changed(&mut tx, round.iter().map(|p| p.id.as_str()), now).await?;
                 if n == 0 {
                     for p in &round {
                         let outcome = if inserted.contains(p.id.as_str()) {
@@ -246,6 +282,12 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await?
             .rows_affected() as usize;
+            mark_changed(
+                &mut tx,
+                chunk.iter().map(|e| e.customer_id.as_str()),
+                to_millis(Utc::now()),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(EventInsert {
@@ -383,6 +425,7 @@ impl PostgresStore {
     /// One attempt at `commit_plan`; [`retrying`] runs it again whole if
     /// it lost a deadlock.
     async fn commit_plan_once(&self, plan: &PlanCommit) -> StoreResult<CommitOutcome> {
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         // One commit at a time per database, as SQLite's write lock gives.
         // Dedup does not depend on it (the unique indexes decide), but two
@@ -394,23 +437,32 @@ impl PostgresStore {
             .await?;
         let now_ms = to_millis(plan.started_at);
         let plan_ms = to_millis(plan.now);
-        let staged = plan.partition_of.is_some();
-        let run_id: i64 = match plan.partition_of {
-            // A partition joins its run only while the run is still
-            // planning: one abandoned by a later planner (this planner lost
-            // its lock) takes nothing more, or its emails would stay staged.
-            Some(id) => {
-                let status: Option<String> =
-                    sqlx::query_scalar("SELECT status FROM runs WHERE id = $1")
-                        .bind(id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if status.as_deref() != Some("planning") {
+        let staged = plan.partition.is_some();
+        let run_id: i64 = match &plan.partition {
+            // A partition is committed only by the holder of its claim,
+            // while its run is still planning: one taken over by another
+            // replica (this one was too slow to renew) is theirs now.
+            Some(p) => {
+                let n = sqlx::query(
+                    "UPDATE run_partitions SET status = 'done', summary = $1, done_at = $2, lease_until = NULL
+                     WHERE run_id = $3 AND idx = $4 AND holder = $5 AND status = 'claimed'
+                       AND EXISTS (SELECT 1 FROM runs WHERE id = $3 AND status = 'planning')",
+                )
+                .bind(p.summary.to_string())
+                .bind(to_millis(Utc::now()))
+                .bind(p.run_id)
+                .bind(i64::from(p.index))
+                .bind(&p.holder)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 0 {
                     return Err(StoreError::LeaseLost(format!(
-                        "run {id}, which is no longer planning"
+                        "partition {} of run {}",
+                        p.index, p.run_id
                     )));
                 }
-                id
+                p.run_id
             }
             None => {
                 sqlx::query_scalar(
@@ -565,6 +617,17 @@ impl PostgresStore {
             .bind(strings(chunk.iter().map(|e| e.message.as_str())))
             .execute(&mut *tx)
             .await?;
+        }
+        if let Some(p) = &plan.partition {
+            sqlx::query(
+                "UPDATE run_partitions SET counts = $1, commit_seconds = $4 WHERE run_id = $2 AND idx = $3",
+            )
+            .bind(serde_json::to_string(&per_rule).unwrap_or_else(|_| "{}".into()))
+                .bind(p.run_id)
+                .bind(i64::from(p.index))
+                .bind(started.elapsed().as_secs_f64())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(CommitOutcome {
@@ -918,20 +981,7 @@ impl Store for PostgresStore {
         .bind(to_millis(until))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.try_get(0)?;
-                let history: &str = r.try_get(1)?;
-                let raw: Vec<(String, i64, Value)> =
-                    serde_json::from_str(history).map_err(|e| corrupt("events", e.to_string()))?;
-                Ok((
-                    id_of(&id, "events")?,
-                    raw.into_iter()
-                        .map(|(name, at, props)| (name, from_millis(at), props))
-                        .collect(),
-                ))
-            })
-            .collect()
+        rows.iter().map(history_from_row).collect()
     }
 
     async fn tags_in_id_range(
@@ -998,36 +1048,30 @@ impl Store for PostgresStore {
     async fn begin_run(
         &self,
         trigger: &str,
-        now: DateTime<Utc>,
+        spec: &RunSpec,
         started_at: DateTime<Utc>,
-    ) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO runs (trigger, now, started_at, status, summary)
-             VALUES ($1, $2, $3, 'planning', '{}') RETURNING id",
+        partition_size: usize,
+        firing: Option<&Firing>,
+    ) -> StoreResult<(i64, u32)> {
+        let mut tx = self.pool.begin().await?;
+        let spec_json = serde_json::to_string(spec).map_err(|e| corrupt("runs", e.to_string()))?;
+        let run_id: i64 = sqlx::query_scalar(
+            "INSERT INTO runs (trigger, now, started_at, status, summary, spec)
+             VALUES ($1, $2, $3, 'planning', '{}', $4) RETURNING id",
         )
         .bind(trigger)
-        .bind(to_millis(now))
+        .bind(to_millis(spec.now))
         .bind(to_millis(started_at))
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn finish_plan(
-        &self,
-        run_id: i64,
-        hold: &BTreeMap<String, String>,
-        summary: &Value,
-        firing: Option<&Firing>,
-    ) -> StoreResult<BTreeMap<String, usize>> {
-        let mut tx = self.pool.begin().await?;
-        let at = to_millis(Utc::now());
+        .bind(spec_json)
+        .fetch_one(&mut *tx)
+        .await?;
         if let Some(f) = firing {
             let n = sqlx::query(
                 "UPDATE schedule_firings SET status = 'done', run_id = $1, finished_at = $2, lease_until = NULL
                  WHERE schedule = $3 AND fire_at = $4 AND status = 'running' AND holder = $5",
             )
             .bind(run_id)
-            .bind(at)
+            .bind(to_millis(started_at))
             .bind(&f.schedule)
             .bind(to_millis(f.fire_at))
             .bind(&f.holder)
@@ -1040,6 +1084,238 @@ impl Store for PostgresStore {
                     f.schedule, f.fire_at
                 )));
             }
+        }
+        let size = partition_size.max(1) as i64;
+        let starts: Vec<String> = match spec.changed_since {
+            None => sqlx::query_scalar(
+                "SELECT id FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n FROM customers) s
+                     WHERE (n - 1) % $1 = 0 ORDER BY id",
+            )
+            .bind(size)
+            .fetch_all(&mut *tx)
+            .await?,
+            Some(since) => {
+                sqlx::query_scalar(
+                    "SELECT customer_id FROM (
+                        SELECT customer_id, ROW_NUMBER() OVER (ORDER BY customer_id) AS n
+                        FROM customer_changes WHERE changed_at >= $1) s
+                     WHERE (n - 1) % $2 = 0 ORDER BY customer_id",
+                )
+                .bind(to_millis(since))
+                .bind(size)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+        };
+        let ranges = partition_ranges(starts);
+        sqlx::query(
+            "INSERT INTO run_partitions (run_id, idx, start_id, end_id)
+             SELECT $1, u.idx, u.start_id, u.end_id
+             FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(idx, start_id, end_id)",
+        )
+        .bind(run_id)
+        .bind(ranges.iter().map(|r| i64::from(r.0)).collect::<Vec<_>>())
+        .bind(ranges.iter().map(|r| r.1.clone()).collect::<Vec<_>>())
+        .bind(ranges.iter().map(|r| r.2.clone()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((run_id, ranges.len() as u32))
+    }
+
+    async fn claim_partition(
+        &self,
+        run: Option<i64>,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<Option<Partition>> {
+        // Replicas claiming at once each skip the rows the others lock.
+        let row = sqlx::query(
+            "UPDATE run_partitions SET status = 'claimed', holder = $1, lease_until = $2, claims = claims + 1
+             WHERE (run_id, idx) = (
+                SELECT p.run_id, p.idx FROM run_partitions p JOIN runs r ON r.id = p.run_id
+                WHERE r.status = 'planning' AND ($4::bigint IS NULL OR p.run_id = $4)
+                  AND (p.status = 'pending' OR (p.status = 'claimed' AND p.lease_until < $3))
+                ORDER BY p.run_id, p.idx LIMIT 1
+                FOR UPDATE OF p SKIP LOCKED)
+             RETURNING run_id, idx, start_id, end_id",
+        )
+        .bind(holder)
+        .bind(to_millis(until))
+        .bind(to_millis(now))
+        .bind(run)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let run_id: i64 = row.try_get("run_id")?;
+        let run = sqlx::query("SELECT trigger, started_at, spec FROM runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Some(partition_from_rows(&row, &run, holder)?))
+    }
+
+    async fn renew_partitions(&self, holder: &str, until: DateTime<Utc>) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "UPDATE run_partitions SET lease_until = $1 WHERE holder = $2 AND status = 'claimed'",
+        )
+        .bind(to_millis(until))
+        .bind(holder)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn release_partitions(&self, holder: &str) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "UPDATE run_partitions SET status = 'pending', lease_until = NULL
+             WHERE holder = $1 AND status = 'claimed'",
+        )
+        .bind(holder)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn run_partitions(&self, run_id: i64) -> StoreResult<Vec<PartitionRecord>> {
+        let rows = sqlx::query("SELECT * FROM run_partitions WHERE run_id = $1 ORDER BY idx")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(partition_record_from_row).collect()
+    }
+
+    async fn runs_ready_to_finish(&self) -> StoreResult<Vec<UnfinishedRun>> {
+        let rows = sqlx::query(
+            "SELECT id, trigger, started_at, spec FROM runs r WHERE status = 'planning' AND spec IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM run_partitions p WHERE p.run_id = r.id AND p.status <> 'done')
+             ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(unfinished_run_from_row).collect()
+    }
+
+    async fn run_status(&self, run_id: i64) -> StoreResult<Option<(String, Value)>> {
+        let row = sqlx::query("SELECT status, summary FROM runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let summary: String = r.try_get("summary")?;
+            Ok((r.try_get("status")?, json_of(&summary, "runs")?))
+        })
+        .transpose()
+    }
+
+    async fn changes_seen_by_last_run(&self, trigger: &str) -> StoreResult<Option<DateTime<Utc>>> {
+        let at: Option<i64> = sqlx::query_scalar(
+            "SELECT started_at FROM runs WHERE trigger = $1 AND spec IS NOT NULL AND status <> 'abandoned'
+             ORDER BY id DESC LIMIT 1",
+        )
+        .bind(trigger)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(at.map(|ms| from_millis(ms) - chrono::Duration::seconds(60)))
+    }
+
+    async fn partition_customers(&self, p: &Partition) -> StoreResult<Vec<Customer>> {
+        let rows = match p.spec.changed_since {
+            None => {
+                sqlx::query(
+                    "SELECT * FROM customers WHERE id >= $1 AND ($2::text IS NULL OR id < $2) ORDER BY id",
+                )
+                .bind(&p.start)
+                .bind(&p.end)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Some(since) => {
+                sqlx::query(
+                    "SELECT c.* FROM customer_changes ch JOIN customers c ON c.id = ch.customer_id
+                     WHERE ch.changed_at >= $3 AND ch.customer_id >= $1
+                       AND ($2::text IS NULL OR ch.customer_id < $2)
+                     ORDER BY c.id",
+                )
+                .bind(&p.start)
+                .bind(&p.end)
+                .bind(to_millis(since))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(customer_from_row).collect()
+    }
+
+    async fn histories_of(
+        &self,
+        ids: &[CustomerId],
+        until: DateTime<Utc>,
+    ) -> StoreResult<Vec<(CustomerId, Vec<HistoryEvent>)>> {
+        let rows = sqlx::query(
+            "SELECT customer_id,
+                    json_agg(json_build_array(name, at, properties::json) ORDER BY at, seq)::text AS history
+             FROM events WHERE customer_id = ANY($1) AND at <= $2
+             GROUP BY customer_id ORDER BY customer_id",
+        )
+        .bind(strings(ids.iter().map(CustomerId::as_str)))
+        .bind(to_millis(until))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(history_from_row).collect()
+    }
+
+    async fn tags_of(&self, ids: &[CustomerId]) -> StoreResult<Vec<(CustomerId, String)>> {
+        let rows = sqlx::query(
+            "SELECT customer_id, tag FROM customer_tags
+             WHERE customer_id = ANY($1) ORDER BY customer_id, tag",
+        )
+        .bind(strings(ids.iter().map(CustomerId::as_str)))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get("customer_id")?;
+                Ok((id_of(&id, "customer_tags")?, r.try_get("tag")?))
+            })
+            .collect()
+    }
+
+    async fn open_escalations_of(&self, ids: &[CustomerId]) -> StoreResult<Vec<EscalationRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM escalations WHERE customer_id = ANY($1)
+               AND status IN ('open', 'acknowledged') ORDER BY id",
+        )
+        .bind(strings(ids.iter().map(CustomerId::as_str)))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(escalation_from_row).collect()
+    }
+
+    async fn finish_plan(
+        &self,
+        run_id: i64,
+        hold: &BTreeMap<String, String>,
+        summary: &Value,
+    ) -> StoreResult<BTreeMap<String, usize>> {
+        let mut tx = self.pool.begin().await?;
+        // The run's row first: two replicas finishing it at once take turns,
+        // and the second finds it no longer planning.
+        sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?;
+        let open: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM run_partitions WHERE run_id = $1 AND status <> 'done'",
+        )
+        .bind(run_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if open > 0 {
+            return Err(StoreError::LeaseLost(format!(
+                "run {run_id}, which still has {open} partitions to plan"
+            )));
         }
         let mut held = BTreeMap::new();
         for (rule, reason) in hold {
@@ -1079,34 +1355,6 @@ impl Store for PostgresStore {
         }
         tx.commit().await?;
         Ok(held)
-    }
-
-    async fn record_progress(&self, run_id: i64, progress: &Value) -> StoreResult<()> {
-        sqlx::query("UPDATE runs SET summary = $1 WHERE id = $2 AND status = 'planning'")
-            .bind(progress.to_string())
-            .bind(run_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn abandon_unfinished_runs(&self, at: DateTime<Utc>) -> StoreResult<u64> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "DELETE FROM actions WHERE status = 'staged'
-               AND run_id IN (SELECT id FROM runs WHERE status = 'planning')",
-        )
-        .execute(&mut *tx)
-        .await?;
-        let n = sqlx::query(
-            "UPDATE runs SET status = 'abandoned', finished_at = $1 WHERE status = 'planning'",
-        )
-        .bind(to_millis(at))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(n)
     }
 
     async fn open_escalations_in_id_range(
@@ -1191,6 +1439,24 @@ impl Store for PostgresStore {
         )
         .fetch_all(&self.pool)
         .await?;
+        let mut progress: HashMap<i64, (u64, u64)> = HashMap::new();
+        for r in sqlx::query(
+            "SELECT run_id, COUNT(*) FILTER (WHERE status = 'done') AS done, COUNT(*) AS n
+             FROM run_partitions
+             WHERE run_id IN (SELECT id FROM runs ORDER BY id DESC LIMIT $1) GROUP BY run_id",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?
+        {
+            progress.insert(
+                r.try_get("run_id")?,
+                (
+                    r.try_get::<i64, _>("done")? as u64,
+                    r.try_get::<i64, _>("n")? as u64,
+                ),
+            );
+        }
         let mut held: HashMap<i64, BTreeMap<String, u64>> = HashMap::new();
         for r in held_rows {
             held.entry(r.try_get("run_id")?)
@@ -1201,8 +1467,11 @@ impl Store for PostgresStore {
             .map(|r| {
                 let summary: String = r.try_get("summary")?;
                 let id: i64 = r.try_get("id")?;
+                let (partitions_done, partitions) = progress.get(&id).copied().unwrap_or_default();
                 Ok(RunRecord {
                     id,
+                    partitions_done,
+                    partitions,
                     held: held.remove(&id).unwrap_or_default(),
                     trigger: r.try_get("trigger")?,
                     now: from_millis(r.try_get("now")?),
@@ -1561,13 +1830,15 @@ impl Store for PostgresStore {
 
     async fn owner_escalation_counts(
         &self,
+        owners: &[String],
         since: DateTime<Utc>,
     ) -> StoreResult<HashMap<String, u32>> {
         let rows = sqlx::query(
             "SELECT e.owner, COUNT(*) AS n FROM escalations e JOIN runs r ON r.id = e.run_id
-             WHERE r.now >= $1 GROUP BY e.owner",
+             WHERE r.now >= $1 AND e.owner = ANY($2) GROUP BY e.owner",
         )
         .bind(to_millis(since))
+        .bind(owners)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -1808,7 +2079,8 @@ impl Store for PostgresStore {
         Ok(sqlx::query_scalar(
             "SELECT holder FROM schedule_firings WHERE status = 'running' AND holder IS NOT NULL
              UNION SELECT holder FROM planner_lock WHERE holder IS NOT NULL
-             UNION SELECT claim_token FROM actions WHERE status = 'sending' AND claim_token IS NOT NULL",
+             UNION SELECT claim_token FROM actions WHERE status = 'sending' AND claim_token IS NOT NULL
+             UNION SELECT holder FROM run_partitions WHERE status = 'claimed' AND holder IS NOT NULL",
         )
         .fetch_all(&self.pool)
         .await?)
@@ -1850,11 +2122,20 @@ impl Store for PostgresStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        let partitions = sqlx::query(
+            "UPDATE run_partitions SET status = 'pending', lease_until = NULL
+             WHERE status = 'claimed' AND substr(holder, 1, length($1)) = $1",
+        )
+        .bind(&prefix)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
         Ok(ReleasedLeases {
             firings,
             planner_lock,
             actions,
+            partitions,
         })
     }
 

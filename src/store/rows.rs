@@ -13,6 +13,7 @@ pub(crate) trait Columns {
     fn opt_int(&self, column: &str) -> StoreResult<Option<i64>>;
     fn text(&self, column: &str) -> StoreResult<String>;
     fn opt_text(&self, column: &str) -> StoreResult<Option<String>>;
+    fn opt_float(&self, column: &str) -> StoreResult<Option<f64>>;
 }
 
 macro_rules! columns_for {
@@ -28,6 +29,9 @@ macro_rules! columns_for {
                 Ok(sqlx::Row::try_get(self, column)?)
             }
             fn opt_text(&self, column: &str) -> StoreResult<Option<String>> {
+                Ok(sqlx::Row::try_get(self, column)?)
+            }
+            fn opt_float(&self, column: &str) -> StoreResult<Option<f64>> {
                 Ok(sqlx::Row::try_get(self, column)?)
             }
         }
@@ -155,4 +159,82 @@ pub(super) fn initial_status(a: &super::NewAction, staged: bool) -> &'static str
     } else {
         "pending"
     }
+}
+
+/// Partitions from the first id of each: `(index, start, end)`, where the
+/// first starts at the beginning of the id space (customers added below its
+/// first id since are still someone's) and each ends where the next starts.
+pub(crate) fn partition_ranges(starts: Vec<String>) -> Vec<(u32, String, Option<String>)> {
+    let n = starts.len();
+    let mut ranges = Vec::with_capacity(n);
+    for i in 0..n {
+        let start = if i == 0 {
+            String::new()
+        } else {
+            starts[i].clone()
+        };
+        ranges.push((i as u32, start, starts.get(i + 1).cloned()));
+    }
+    ranges
+}
+
+/// A claimed partition from its row (`run_id, idx, start_id, end_id`) and
+/// its run's (`trigger, started_at, spec`).
+pub(crate) fn partition_from_rows(
+    p: &impl Columns,
+    run: &impl Columns,
+    holder: &str,
+) -> StoreResult<super::Partition> {
+    let spec = run
+        .opt_text("spec")?
+        .ok_or_else(|| corrupt("runs", "a partitioned run without a spec"))?;
+    Ok(super::Partition {
+        run_id: p.int("run_id")?,
+        index: p.int("idx")? as u32,
+        start: p.text("start_id")?,
+        end: p.opt_text("end_id")?,
+        holder: holder.to_owned(),
+        trigger: run.text("trigger")?,
+        started_at: from_millis(run.int("started_at")?),
+        spec: serde_json::from_str(&spec).map_err(|e| corrupt("runs", e.to_string()))?,
+    })
+}
+
+pub(crate) fn partition_record_from_row(row: &impl Columns) -> StoreResult<super::PartitionRecord> {
+    let summary = row
+        .opt_text("summary")?
+        .map(|s| json_of(&s, "run_partitions"))
+        .transpose()?;
+    let counts = row
+        .opt_text("counts")?
+        .map(|s| serde_json::from_str(&s).map_err(|e| corrupt("run_partitions", e.to_string())))
+        .transpose()?;
+    Ok(super::PartitionRecord {
+        index: row.int("idx")? as u32,
+        status: row.text("status")?,
+        holder: row.opt_text("holder")?,
+        claims: count(row, "claims")?,
+        summary,
+        counts,
+        commit_seconds: row.opt_float("commit_seconds")?.unwrap_or(0.0),
+    })
+}
+
+/// Customer ids as one JSON array (SQLite's `json_each`).
+pub(crate) fn ids_json(ids: &[CustomerId]) -> String {
+    let ids: Vec<&str> = ids.iter().map(CustomerId::as_str).collect();
+    serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into())
+}
+
+/// A run still planning from its row (`id, trigger, started_at, spec`).
+pub(crate) fn unfinished_run_from_row(row: &impl Columns) -> StoreResult<super::UnfinishedRun> {
+    let spec = row
+        .opt_text("spec")?
+        .ok_or_else(|| corrupt("runs", "a partitioned run without a spec"))?;
+    Ok(super::UnfinishedRun {
+        id: row.int("id")?,
+        trigger: row.text("trigger")?,
+        started_at: from_millis(row.int("started_at")?),
+        spec: serde_json::from_str(&spec).map_err(|e| corrupt("runs", e.to_string()))?,
+    })
 }

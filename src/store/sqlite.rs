@@ -14,7 +14,8 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::rows::{
     action_from_row, corrupt, customer_from_row, decision_from_row, escalation_from_row,
-    event_from_row, id_of, initial_status, json_of,
+    event_from_row, id_of, ids_json, initial_status, json_of, partition_from_rows,
+    partition_ranges, partition_record_from_row, unfinished_run_from_row,
 };
 use super::*;
 use crate::domain::{Customer, CustomerId, CustomerPatch, Email, EngagementModel, Event};
@@ -28,6 +29,41 @@ const ACTION_CHUNK: usize = 500;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+}
+
+/// Records that these customers' data changed at `at` (for schedules that
+/// evaluate only what changed).
+async fn mark_changed(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    ids: &[&str],
+    at: i64,
+) -> StoreResult<()> {
+    // `WHERE true` keeps SQLite from reading ON CONFLICT as a join clause.
+    sqlx::query(
+        "INSERT INTO customer_changes (customer_id, changed_at)
+         SELECT value, ? FROM json_each(?) WHERE true
+         ON CONFLICT (customer_id) DO UPDATE SET changed_at = excluded.changed_at",
+    )
+    .bind(at)
+    .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// One customer's history from `json_group_array(json_array(name, at, properties))`.
+fn history_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<(CustomerId, Vec<HistoryEvent>)> {
+    let id: String = r.try_get(0)?;
+    let id = id_of(&id, "events")?;
+    let history: &str = r.try_get(1)?;
+    let raw: Vec<(String, i64, Value)> =
+        serde_json::from_str(history).map_err(|e| corrupt("events", e.to_string()))?;
+    Ok((
+        id,
+        raw.into_iter()
+            .map(|(name, at, props)| (name, from_millis(at), props))
+            .collect(),
+    ))
 }
 
 impl SqliteStore {
@@ -156,6 +192,7 @@ impl Store for SqliteStore {
                     updated_at = excluded.updated_at",
             );
             qb.build().execute(&mut *tx).await?;
+            mark_changed(&mut tx, &ids, now).await?;
         }
         tx.commit().await?;
         Ok(outcomes)
@@ -177,6 +214,12 @@ impl Store for SqliteStore {
             });
             qb.push(" ON CONFLICT (message_id) DO NOTHING");
             inserted += qb.build().execute(&mut *tx).await?.rows_affected() as usize;
+        }
+        let mut ids: Vec<&str> = events.iter().map(|e| e.customer_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for chunk in ids.chunks(CUSTOMER_CHUNK) {
+            mark_changed(&mut tx, chunk, to_millis(Utc::now())).await?;
         }
         tx.commit().await?;
         Ok(EventInsert {
@@ -250,21 +293,7 @@ impl Store for SqliteStore {
         .bind(to_millis(until))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.try_get(0)?;
-                let id = id_of(&id, "events")?;
-                let history: &str = r.try_get(1)?;
-                let raw: Vec<(String, i64, Value)> =
-                    serde_json::from_str(history).map_err(|e| corrupt("events", e.to_string()))?;
-                Ok((
-                    id,
-                    raw.into_iter()
-                        .map(|(name, at, props)| (name, from_millis(at), props))
-                        .collect(),
-                ))
-            })
-            .collect()
+        rows.iter().map(history_from_row).collect()
     }
 
     async fn tags_in_id_range(
@@ -328,23 +357,36 @@ impl Store for SqliteStore {
     }
 
     async fn commit_plan(&self, plan: PlanCommit) -> StoreResult<CommitOutcome> {
+        let started = std::time::Instant::now();
         let mut tx = self.immediate().await?;
         let now_ms = to_millis(plan.started_at);
-        let staged = plan.partition_of.is_some();
-        let run_id: i64 = match plan.partition_of {
-            // A partition joins its run only while the run is still
-            // planning: one abandoned by a later planner (this planner lost
-            // its lock) takes nothing more, or its emails would stay staged.
-            Some(id) => {
-                let status: Option<String> =
-                    sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
-                        .bind(id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if status.as_deref() != Some("planning") {
-                    return Err(StoreError::LeaseLost(format!("run {id}, which is no longer planning")));
+        let staged = plan.partition.is_some();
+        let run_id: i64 = match &plan.partition {
+            // A partition is committed only by the holder of its claim,
+            // while its run is still planning: one taken over by another
+            // process (this one was too slow to renew) is theirs now.
+            Some(p) => {
+                let n = sqlx::query(
+                    "UPDATE run_partitions SET status = 'done', summary = ?, done_at = ?, lease_until = NULL
+                     WHERE run_id = ? AND idx = ? AND holder = ? AND status = 'claimed'
+                       AND EXISTS (SELECT 1 FROM runs WHERE id = ? AND status = 'planning')",
+                )
+                .bind(p.summary.to_string())
+                .bind(to_millis(Utc::now()))
+                .bind(p.run_id)
+                .bind(i64::from(p.index))
+                .bind(&p.holder)
+                .bind(p.run_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::LeaseLost(format!(
+                        "partition {} of run {}",
+                        p.index, p.run_id
+                    )));
                 }
-                id
+                p.run_id
             }
             None => {
                 sqlx::query_scalar(
@@ -588,6 +630,17 @@ impl Store for SqliteStore {
             });
             qb.build().execute(&mut *tx).await?;
         }
+        if let Some(p) = &plan.partition {
+            sqlx::query(
+                "UPDATE run_partitions SET counts = ?, commit_seconds = ? WHERE run_id = ? AND idx = ?",
+            )
+            .bind(serde_json::to_string(&per_rule).unwrap_or_else(|_| "{}".into()))
+            .bind(started.elapsed().as_secs_f64())
+                .bind(p.run_id)
+                .bind(i64::from(p.index))
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(CommitOutcome {
             run_id,
@@ -599,36 +652,30 @@ impl Store for SqliteStore {
     async fn begin_run(
         &self,
         trigger: &str,
-        now: DateTime<Utc>,
+        spec: &RunSpec,
         started_at: DateTime<Utc>,
-    ) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO runs (trigger, now, started_at, status, summary) VALUES (?, ?, ?, 'planning', '{}')
-             RETURNING id",
+        partition_size: usize,
+        firing: Option<&Firing>,
+    ) -> StoreResult<(i64, u32)> {
+        let mut tx = self.immediate().await?;
+        let spec_json = serde_json::to_string(spec).map_err(|e| corrupt("runs", e.to_string()))?;
+        let run_id: i64 = sqlx::query_scalar(
+            "INSERT INTO runs (trigger, now, started_at, status, summary, spec)
+             VALUES (?, ?, ?, 'planning', '{}', ?) RETURNING id",
         )
         .bind(trigger)
-        .bind(to_millis(now))
+        .bind(to_millis(spec.now))
         .bind(to_millis(started_at))
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn finish_plan(
-        &self,
-        run_id: i64,
-        hold: &BTreeMap<String, String>,
-        summary: &Value,
-        firing: Option<&Firing>,
-    ) -> StoreResult<BTreeMap<String, usize>> {
-        let mut tx = self.immediate().await?;
-        let at = to_millis(Utc::now());
+        .bind(spec_json)
+        .fetch_one(&mut *tx)
+        .await?;
         if let Some(f) = firing {
             let n = sqlx::query(
                 "UPDATE schedule_firings SET status = 'done', run_id = ?, finished_at = ?, lease_until = NULL
                  WHERE schedule = ? AND fire_at = ? AND status = 'running' AND holder = ?",
             )
             .bind(run_id)
-            .bind(at)
+            .bind(to_millis(started_at))
             .bind(&f.schedule)
             .bind(to_millis(f.fire_at))
             .bind(&f.holder)
@@ -641,6 +688,229 @@ impl Store for SqliteStore {
                     f.schedule, f.fire_at
                 )));
             }
+        }
+        // The first id of every `partition_size` customers (of those changed
+        // since the spec's time, when it has one) starts a partition.
+        let starts: Vec<String> = match spec.changed_since {
+            None => sqlx::query_scalar(
+                "SELECT id FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n FROM customers)
+                     WHERE (n - 1) % ? = 0 ORDER BY id",
+            )
+            .bind(partition_size.max(1) as i64)
+            .fetch_all(&mut *tx)
+            .await?,
+            Some(since) => {
+                sqlx::query_scalar(
+                    "SELECT customer_id FROM (
+                        SELECT customer_id, ROW_NUMBER() OVER (ORDER BY customer_id) AS n
+                        FROM customer_changes WHERE changed_at >= ?)
+                     WHERE (n - 1) % ? = 0 ORDER BY customer_id",
+                )
+                .bind(to_millis(since))
+                .bind(partition_size.max(1) as i64)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+        };
+        let ranges = partition_ranges(starts);
+        for chunk in ranges.chunks(ACTION_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO run_partitions (run_id, idx, start_id, end_id) ");
+            qb.push_values(chunk, |mut b, (i, start, end)| {
+                b.push_bind(run_id)
+                    .push_bind(i64::from(*i))
+                    .push_bind(start.clone())
+                    .push_bind(end.clone());
+            });
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok((run_id, ranges.len() as u32))
+    }
+
+    async fn claim_partition(
+        &self,
+        run: Option<i64>,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<Option<Partition>> {
+        // SQLite has one writer at a time: the claim is one UPDATE.
+        let row = sqlx::query(
+            "UPDATE run_partitions SET status = 'claimed', holder = ?1, lease_until = ?2, claims = claims + 1
+             WHERE rowid = (
+                SELECT p.rowid FROM run_partitions p JOIN runs r ON r.id = p.run_id
+                WHERE r.status = 'planning' AND (?4 IS NULL OR p.run_id = ?4)
+                  AND (p.status = 'pending' OR (p.status = 'claimed' AND p.lease_until < ?3))
+                ORDER BY p.run_id, p.idx LIMIT 1)
+             RETURNING run_id, idx, start_id, end_id",
+        )
+        .bind(holder)
+        .bind(to_millis(until))
+        .bind(to_millis(now))
+        .bind(run)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let run_id: i64 = row.try_get("run_id")?;
+        let run = sqlx::query("SELECT trigger, started_at, spec FROM runs WHERE id = ?")
+            .bind(run_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Some(partition_from_rows(&row, &run, holder)?))
+    }
+
+    async fn renew_partitions(&self, holder: &str, until: DateTime<Utc>) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "UPDATE run_partitions SET lease_until = ? WHERE holder = ? AND status = 'claimed'",
+        )
+        .bind(to_millis(until))
+        .bind(holder)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn release_partitions(&self, holder: &str) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "UPDATE run_partitions SET status = 'pending', lease_until = NULL
+             WHERE holder = ? AND status = 'claimed'",
+        )
+        .bind(holder)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn run_partitions(&self, run_id: i64) -> StoreResult<Vec<PartitionRecord>> {
+        let rows = sqlx::query("SELECT * FROM run_partitions WHERE run_id = ? ORDER BY idx")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(partition_record_from_row).collect()
+    }
+
+    async fn runs_ready_to_finish(&self) -> StoreResult<Vec<UnfinishedRun>> {
+        let rows = sqlx::query(
+            "SELECT id, trigger, started_at, spec FROM runs r WHERE status = 'planning' AND spec IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM run_partitions p WHERE p.run_id = r.id AND p.status <> 'done')
+             ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(unfinished_run_from_row).collect()
+    }
+
+    async fn run_status(&self, run_id: i64) -> StoreResult<Option<(String, Value)>> {
+        let row = sqlx::query("SELECT status, summary FROM runs WHERE id = ?")
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let summary: String = r.try_get("summary")?;
+            Ok((r.try_get("status")?, json_of(&summary, "runs")?))
+        })
+        .transpose()
+    }
+
+    async fn changes_seen_by_last_run(&self, trigger: &str) -> StoreResult<Option<DateTime<Utc>>> {
+        let at: Option<i64> = sqlx::query_scalar(
+            "SELECT started_at FROM runs WHERE trigger = ? AND spec IS NOT NULL AND status <> 'abandoned'
+             ORDER BY id DESC LIMIT 1",
+        )
+        .bind(trigger)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(at.map(from_millis))
+    }
+
+    async fn partition_customers(&self, p: &Partition) -> StoreResult<Vec<Customer>> {
+        let rows = match p.spec.changed_since {
+            None => sqlx::query(
+                "SELECT * FROM customers WHERE id >= ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id",
+            )
+            .bind(&p.start)
+            .bind(&p.end)
+            .fetch_all(&self.pool)
+            .await?,
+            Some(since) => {
+                sqlx::query(
+                    "SELECT c.* FROM customer_changes ch JOIN customers c ON c.id = ch.customer_id
+                     WHERE ch.changed_at >= ?3 AND ch.customer_id >= ?1
+                       AND (?2 IS NULL OR ch.customer_id < ?2)
+                     ORDER BY c.id",
+                )
+                .bind(&p.start)
+                .bind(&p.end)
+                .bind(to_millis(since))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(customer_from_row).collect()
+    }
+
+    async fn histories_of(
+        &self,
+        ids: &[CustomerId],
+        until: DateTime<Utc>,
+    ) -> StoreResult<Vec<(CustomerId, Vec<HistoryEvent>)>> {
+        let rows = sqlx::query(
+            "SELECT customer_id, json_group_array(json_array(name, at, json(properties))) AS history
+             FROM events WHERE customer_id IN (SELECT value FROM json_each(?)) AND at <= ?
+             GROUP BY customer_id ORDER BY customer_id",
+        )
+        .bind(ids_json(ids))
+        .bind(to_millis(until))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(history_from_row).collect()
+    }
+
+    async fn tags_of(&self, ids: &[CustomerId]) -> StoreResult<Vec<(CustomerId, String)>> {
+        let rows = sqlx::query(
+            "SELECT customer_id, tag FROM customer_tags
+             WHERE customer_id IN (SELECT value FROM json_each(?)) ORDER BY customer_id, tag",
+        )
+        .bind(ids_json(ids))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get("customer_id")?;
+                Ok((id_of(&id, "customer_tags")?, r.try_get("tag")?))
+            })
+            .collect()
+    }
+
+    async fn open_escalations_of(&self, ids: &[CustomerId]) -> StoreResult<Vec<EscalationRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM escalations WHERE customer_id IN (SELECT value FROM json_each(?))
+               AND status IN ('open', 'acknowledged') ORDER BY id",
+        )
+        .bind(ids_json(ids))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(escalation_from_row).collect()
+    }
+
+    async fn finish_plan(
+        &self,
+        run_id: i64,
+        hold: &BTreeMap<String, String>,
+        summary: &Value,
+    ) -> StoreResult<BTreeMap<String, usize>> {
+        let mut tx = self.immediate().await?;
+        let open: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM run_partitions WHERE run_id = ? AND status <> 'done'",
+        )
+        .bind(run_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if open > 0 {
+            return Err(StoreError::LeaseLost(format!(
+                "run {run_id}, which still has {open} partitions to plan"
+            )));
         }
         let mut held = BTreeMap::new();
         for (rule, reason) in hold {
@@ -678,34 +948,6 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(held)
-    }
-
-    async fn record_progress(&self, run_id: i64, progress: &Value) -> StoreResult<()> {
-        sqlx::query("UPDATE runs SET summary = ? WHERE id = ? AND status = 'planning'")
-            .bind(progress.to_string())
-            .bind(run_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn abandon_unfinished_runs(&self, at: DateTime<Utc>) -> StoreResult<u64> {
-        let mut tx = self.immediate().await?;
-        sqlx::query(
-            "DELETE FROM actions WHERE status = 'staged'
-               AND run_id IN (SELECT id FROM runs WHERE status = 'planning')",
-        )
-        .execute(&mut *tx)
-        .await?;
-        let n = sqlx::query(
-            "UPDATE runs SET status = 'abandoned', finished_at = ? WHERE status = 'planning'",
-        )
-        .bind(to_millis(at))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(n)
     }
 
     async fn open_escalations_in_id_range(
@@ -786,6 +1028,23 @@ impl Store for SqliteStore {
         )
         .fetch_all(&self.pool)
         .await?;
+        let mut progress: std::collections::HashMap<i64, (u64, u64)> = Default::default();
+        for r in sqlx::query(
+            "SELECT run_id, SUM(status = 'done') AS done, COUNT(*) AS n FROM run_partitions
+             WHERE run_id IN (SELECT id FROM runs ORDER BY id DESC LIMIT ?) GROUP BY run_id",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?
+        {
+            progress.insert(
+                r.try_get("run_id")?,
+                (
+                    r.try_get::<i64, _>("done")? as u64,
+                    r.try_get::<i64, _>("n")? as u64,
+                ),
+            );
+        }
         let mut held: std::collections::HashMap<i64, BTreeMap<String, u64>> = Default::default();
         for r in held_rows {
             held.entry(r.try_get("run_id")?)
@@ -796,8 +1055,11 @@ impl Store for SqliteStore {
             .map(|r| {
                 let summary: String = r.try_get("summary")?;
                 let id: i64 = r.try_get("id")?;
+                let (partitions_done, partitions) = progress.get(&id).copied().unwrap_or_default();
                 Ok(RunRecord {
                     id,
+                    partitions_done,
+                    partitions,
                     held: held.remove(&id).unwrap_or_default(),
                     trigger: r.try_get("trigger")?,
                     now: from_millis(r.try_get("now")?),
@@ -1186,13 +1448,15 @@ impl Store for SqliteStore {
 
     async fn owner_escalation_counts(
         &self,
+        owners: &[String],
         since: DateTime<Utc>,
     ) -> StoreResult<std::collections::HashMap<String, u32>> {
         let rows = sqlx::query(
             "SELECT e.owner, COUNT(*) AS n FROM escalations e JOIN runs r ON r.id = e.run_id
-             WHERE r.now >= ? GROUP BY e.owner",
+             WHERE r.now >= ? AND e.owner IN (SELECT value FROM json_each(?)) GROUP BY e.owner",
         )
         .bind(to_millis(since))
+        .bind(serde_json::to_string(owners).unwrap_or_else(|_| "[]".into()))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -1431,7 +1695,8 @@ impl Store for SqliteStore {
         Ok(sqlx::query_scalar(
             "SELECT holder FROM schedule_firings WHERE status = 'running' AND holder IS NOT NULL
              UNION SELECT holder FROM planner_lock WHERE holder IS NOT NULL
-             UNION SELECT claim_token FROM actions WHERE status = 'sending' AND claim_token IS NOT NULL",
+             UNION SELECT claim_token FROM actions WHERE status = 'sending' AND claim_token IS NOT NULL
+             UNION SELECT holder FROM run_partitions WHERE status = 'claimed' AND holder IS NOT NULL",
         )
         .fetch_all(&self.pool)
         .await?)
@@ -1473,11 +1738,20 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        let partitions = sqlx::query(
+            "UPDATE run_partitions SET status = 'pending', lease_until = NULL
+             WHERE status = 'claimed' AND substr(holder, 1, length(?1)) = ?1",
+        )
+        .bind(&prefix)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
         Ok(ReleasedLeases {
             firings,
             planner_lock,
             actions,
+            partitions,
         })
     }
 

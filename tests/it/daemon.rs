@@ -871,7 +871,7 @@ async fn two_admin_run_requests_in_the_same_millisecond_queue_two_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_run_interrupted_by_shutdown_is_queued_again_and_runs_at_the_next_start() {
+async fn a_run_interrupted_by_shutdown_is_finished_at_the_next_start() {
     let app = TestApp::new().await;
     app.write_config("[delivery]\nshutdown_grace_ms = 300\n");
     app.import_customers(
@@ -898,34 +898,32 @@ async fn a_run_interrupted_by_shutdown_is_queued_again_and_runs_at_the_next_star
     let status = |store: Arc<dyn engaged::store::Store>| async move {
         store.firings("manual").await.unwrap()[0].status.clone()
     };
+    // The firing began a run (which now carries its work); the run waits
+    // for the lock before its first partition's policies.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while status(Arc::clone(&store)).await != "running" {
+    while status(Arc::clone(&store)).await != "done" {
         assert!(Instant::now() < deadline, "the run never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     d.stop().await;
-    let firing = &store.firings("manual").await.unwrap()[0];
-    assert_eq!(firing.status, "pending", "{firing:?}");
-    assert_eq!(
-        firing.note.as_deref(),
-        Some("interrupted by a shutdown; queued again")
-    );
-    assert!(
-        store.runs(10).await.unwrap().is_empty(),
-        "nothing committed"
-    );
+    let runs = store.runs(10).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status, "planning");
+    assert_eq!((runs[0].partitions_done, runs[0].partitions), (0, 1));
+    let parts = store.run_partitions(runs[0].id).await.unwrap();
+    assert_eq!(parts[0].status, "pending", "given back at the shutdown");
+    assert_eq!(app.smtp.count(), 0);
 
-    // The lock is free again: the next start runs the firing.
+    // The lock is free again: the next start finishes the run at once.
     store.unlock_planner("elsewhere").await.unwrap();
     let d = Running::start(&app, at(NOW)).await;
-    let sent = app.smtp.wait_for(1, Duration::from_secs(15)).await;
+    let sent = app.smtp.wait_for(1, Duration::from_secs(10)).await;
     assert_eq!(sent[0].rcpt_to[0], "ana@example.com");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while status(Arc::clone(&store)).await != "done" {
-        assert!(Instant::now() < deadline, "the firing never finished");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     d.stop().await;
+    let runs = store.runs(10).await.unwrap();
+    assert_eq!(runs.len(), 1, "the same run, finished");
+    assert_eq!(runs[0].status, "completed");
+    assert_eq!(app.smtp.count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

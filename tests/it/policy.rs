@@ -1205,28 +1205,59 @@ async fn the_guard_counts_a_rule_over_every_partition_of_a_run() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_run_that_died_between_partitions_is_abandoned_and_the_next_one_sends_once() {
+async fn a_run_that_died_between_partitions_is_finished_by_the_next_run_and_sends_once() {
     let app = TestApp::new().await;
     only_rules(&app, &[("welcome", "send_email(\"welcome\");\n")]);
     app.write_config("[guard]\nmin_count = 1000000\n");
     app.import_customers(&many_customers(3000)).await;
     let store = app.store().await;
-    // A planner committed its first partition, then died: its emails are
-    // staged, never deliverable.
+    // A planner began a run of two partitions, committed the first, then
+    // died (its lease on the partition has ended): its emails are staged,
+    // never deliverable, and the second partition is pending.
     let now: chrono::DateTime<chrono::Utc> = NOW.parse().unwrap();
-    let dead = store.begin_run("cli", now, now).await.unwrap();
-    let first: Vec<engaged::store::NewAction> = (0..2000)
-        .map(|i| engaged::store::NewAction {
-            customer_id: engaged::domain::CustomerId::parse(&format!("p{i:05}")).unwrap(),
+    let spec = engaged::store::RunSpec {
+        now,
+        only_rules: None,
+        changed_since: None,
+        base_customers: 3000,
+    };
+    let (dead, partitions) = store
+        .begin_run("cli", &spec, now, engaged::pipeline::PARTITION, None)
+        .await
+        .unwrap();
+    assert_eq!(partitions, 2);
+    let wall = chrono::Utc::now();
+    let first = store
+        .claim_partition(
+            Some(dead),
+            "gone/x",
+            wall,
+            wall - chrono::Duration::seconds(1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    // What that planner committed, as a planner writes it.
+    let customers = store.customers_page(None, 2000).await.unwrap();
+    let actions: Vec<engaged::store::NewAction> = customers
+        .into_iter()
+        .map(|c| engaged::store::NewAction {
+            customer_id: c.id.clone(),
             rule: "welcome".into(),
             kind: engaged::plan::OutboxKind::Email,
-            dedup_key: format!("p{i:05}\u{1f}welcome\u{1f}welcome"),
-            customer_email: Some(format!("p{i:05}@example.com")),
+            dedup_key: format!("email\u{1f}{}\u{1f}welcome\u{1f}welcome", c.id),
+            customer_email: c.email.as_ref().map(ToString::to_string),
             customer_timezone: None,
             not_before: None,
             dropped: None,
             subject: "welcome (key welcome)".into(),
-            payload: "{}".into(),
+            payload: serde_json::to_string(&engaged::plan::EmailPayload {
+                template: "welcome".into(),
+                key: "welcome".into(),
+                vars: Default::default(),
+                customer: c,
+            })
+            .unwrap(),
         })
         .collect();
     store
@@ -1234,15 +1265,23 @@ async fn a_run_that_died_between_partitions_is_abandoned_and_the_next_one_sends_
             trigger: "cli".into(),
             now,
             started_at: now,
-            actions: first,
-            partition_of: Some(dead),
+            actions,
+            partition: Some(engaged::store::PartitionDone {
+                run_id: dead,
+                index: first.index,
+                holder: first.holder.clone(),
+                summary: serde_json::json!({"customers": 2000, "rules": {"welcome": {"emails": 2000}}}),
+            }),
             ..Default::default()
         })
         .await
         .unwrap();
-    // The next run abandons it and plans every welcome afresh, once.
+    assert_eq!(app.smtp.count(), 0);
+    // The next run finishes it first (its second partition, then its
+    // guard decision), then plans its own night: every welcome once.
     let s = app.run_at(NOW).await;
-    assert_eq!(s["rules"]["welcome"]["planned"], 3000, "{s}");
+    assert_eq!(s["rules"]["welcome"]["planned"], 0, "{s}");
+    assert_eq!(s["rules"]["welcome"]["deduplicated"], 3000, "{s}");
     assert_eq!(s["delivery"]["sent"], 3000);
     let mut to: Vec<String> = app
         .smtp
@@ -1261,7 +1300,21 @@ async fn a_run_that_died_between_partitions_is_abandoned_and_the_next_one_sends_
         .iter()
         .map(|r| r["status"].as_str().unwrap())
         .collect();
-    assert_eq!(statuses, ["completed", "abandoned"], "{runs}");
+    assert_eq!(statuses, ["completed", "completed"], "{runs}");
+    let finished = &runs[1];
+    assert_eq!(finished["id"], dead);
+    assert_eq!(
+        finished["summary"]["rules"]["welcome"]["planned"], 3000,
+        "{finished}"
+    );
+    assert_eq!(finished["summary"]["customers"], 3000);
+    assert_eq!(
+        (
+            finished["partitions_done"].as_u64(),
+            finished["partitions"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

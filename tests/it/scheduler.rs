@@ -367,29 +367,42 @@ async fn a_run_killed_mid_plan_is_taken_over_at_the_next_start_not_when_its_leas
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    wait_until("the run to start", Duration::from_secs(15), || async {
-        store.firings("manual").await.unwrap()[0].status == "running"
-    })
+    // The firing began a run; its one partition is claimed, waiting.
+    let claimed = || async {
+        let run = store.runs(1).await.unwrap().pop()?;
+        let parts = store.run_partitions(run.id).await.unwrap();
+        Some((run, parts))
+    };
+    wait_until(
+        "the run to claim its partition",
+        Duration::from_secs(15),
+        || async {
+            claimed()
+                .await
+                .is_some_and(|(_, parts)| parts[0].status == "claimed")
+        },
+    )
     .await;
     serve.kill().await;
-    let firing = &store.firings("manual").await.unwrap()[0];
-    assert_eq!(firing.status, "running", "left running by the kill");
+    let (run, parts) = claimed().await.unwrap();
+    assert_eq!(run.status, "planning", "left planning by the kill");
+    assert_eq!(parts[0].status, "claimed");
+    assert_eq!(store.firings("manual").await.unwrap()[0].status, "done");
 
-    // The next start reaps it (its holder is a dead process here) instead of
-    // waiting for the lease to end, and runs it.
+    // The next start reaps the claim (its holder is a dead process here)
+    // instead of waiting for its lease (15 s) to end, and finishes the run.
     store.unlock_planner("elsewhere").await.unwrap();
+    let restarted = std::time::Instant::now();
     let serve = Serve::start(&app, port).await;
-    wait_until("the firing to finish", Duration::from_secs(20), || async {
-        store.firings("manual").await.unwrap()[0].status == "done"
-    })
-    .await;
-    let firing = &store.firings("manual").await.unwrap()[0];
-    assert_eq!(
-        firing.note.as_deref(),
-        Some("its process died; queued again"),
-        "taken over because its process died, not because its lease ended"
-    );
     app.smtp.wait_for(1, Duration::from_secs(15)).await;
+    assert!(
+        restarted.elapsed() < Duration::from_secs(12),
+        "taken over because its process died, not because its lease ended: {:?}",
+        restarted.elapsed()
+    );
+    let (run, parts) = claimed().await.unwrap();
+    assert_eq!(run.status, "completed");
+    assert_eq!((parts[0].status.as_str(), parts[0].claims), ("done", 2));
     let (code, _) = serve.terminate().await;
     assert_eq!(code, Some(0));
     assert_eq!(app.smtp.count(), 1, "one welcome, once");
@@ -457,16 +470,19 @@ async fn sigterm_exits_within_the_grace_period_with_a_send_a_slow_client_and_an_
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // Admin requests in one millisecond would merge; wait a little.
     admin_run().await;
+    let second_run = || async {
+        let runs = store.runs(10).await.unwrap();
+        let run = runs.into_iter().find(|r| r.id > 1)?;
+        let parts = store.run_partitions(run.id).await.unwrap();
+        Some((run, parts))
+    };
     wait_until(
         "the second run to evaluate",
         Duration::from_secs(20),
         || async {
-            store
-                .firings("manual")
+            second_run()
                 .await
-                .unwrap()
-                .iter()
-                .any(|f| f.status == "running")
+                .is_some_and(|(_, parts)| parts.iter().any(|p| p.status == "claimed"))
         },
     )
     .await;
@@ -489,13 +505,11 @@ async fn sigterm_exits_within_the_grace_period_with_a_send_a_slow_client_and_an_
     let counts = store.outbox_counts().await.unwrap();
     assert!(counts.sending <= 2, "{counts:?}");
     assert_eq!(counts.sent, 0, "{counts:?}");
-    let firings = store.firings("manual").await.unwrap();
-    let second = firings.last().unwrap();
-    assert_eq!(second.status, "pending", "{firings:#?}");
-    assert_eq!(
-        second.note.as_deref(),
-        Some("interrupted by a shutdown; queued again")
-    );
+    // The second run stays planning; the shutdown gave its claimed
+    // partitions back, for the next start to take at once.
+    let (run, parts) = second_run().await.unwrap();
+    assert_eq!(run.status, "planning");
+    assert!(parts.iter().all(|p| p.status == "pending"), "{parts:?}");
 
     // A restart delivers at once (no waiting for leases) and runs the
     // interrupted firing; only the sends that were in flight may repeat.
@@ -504,12 +518,9 @@ async fn sigterm_exits_within_the_grace_period_with_a_send_a_slow_client_and_an_
     let serve = Serve::start(&app, port).await;
     app.smtp.wait_for(40, Duration::from_secs(30)).await;
     wait_until("the interrupted run", Duration::from_secs(20), || async {
-        store
-            .firings("manual")
+        second_run()
             .await
-            .unwrap()
-            .iter()
-            .all(|f| f.status == "done")
+            .is_some_and(|(run, _)| run.status == "completed")
     })
     .await;
     let (code, _) = serve.terminate().await;

@@ -12,8 +12,8 @@ use chrono::{DateTime, Duration, Utc};
 use engaged::domain::{CustomerId, CustomerPatch, Email, EngagementModel, Event};
 use engaged::plan::OutboxKind;
 use engaged::store::{
-    AttemptResult, Decision, EventInsert, FiringRecord, NewAction, NewEscalation, PlanCommit,
-    RuleCommitCounts, RuleErrorRecord, Store, Upsert,
+    AttemptResult, Decision, EventInsert, FiringRecord, NewAction, NewEscalation, Partition,
+    PartitionDone, PlanCommit, RuleCommitCounts, RuleErrorRecord, RunSpec, Store, Upsert,
 };
 use serde_json::{Value, json};
 
@@ -86,7 +86,8 @@ conformance!(
     firings_are_recorded_once_and_run_one_at_a_time_per_schedule,
     the_leases_of_a_dead_process_are_released_all_at_once,
     a_run_planned_in_partitions_stages_its_emails_until_its_guard_decision,
-    a_run_abandoned_mid_plan_frees_its_staged_emails_and_takes_no_more,
+    a_partition_whose_holder_stopped_is_taken_over_and_committed_once,
+    a_run_over_what_changed_covers_only_the_customers_changed_since,
     settings_keep_their_first_value,
     large_batches_span_several_statements,
     concurrent_claimers_never_get_the_same_action,
@@ -1039,12 +1040,18 @@ async fn escalations_are_reminded_acknowledged_and_recovered(store: Arc<dyn Stor
     );
 
     assert_eq!(
-        store.owner_escalation_counts(t0()).await.unwrap(),
+        store
+            .owner_escalation_counts(
+                &["csm@acme.test".to_owned(), "x@acme.test".to_owned()],
+                t0()
+            )
+            .await
+            .unwrap(),
         HashMap::from([("csm@acme.test".to_owned(), 2)])
     );
     assert!(
         store
-            .owner_escalation_counts(t0() + Duration::hours(1))
+            .owner_escalation_counts(&["csm@acme.test".to_owned()], t0() + Duration::hours(1))
             .await
             .unwrap()
             .is_empty()
@@ -2091,35 +2098,124 @@ async fn the_leases_of_a_dead_process_are_released_all_at_once(store: Arc<dyn St
     );
 }
 
+/// Customers `ids` in the store (ids only).
+async fn some_customers(store: &dyn Store, ids: &[&str]) {
+    let patches: Vec<CustomerPatch> = ids
+        .iter()
+        .map(|id| CustomerPatch {
+            id: cid(id),
+            ..Default::default()
+        })
+        .collect();
+    store.upsert_customers(&patches).await.unwrap();
+}
+
+fn spec(changed_since: Option<DateTime<Utc>>) -> RunSpec {
+    RunSpec {
+        now: t0(),
+        only_rules: None,
+        changed_since,
+        base_customers: 4,
+    }
+}
+
+/// A partition's commit: `actions` for partition `p`, with `summary`.
+fn partition_plan(p: &Partition, actions: Vec<NewAction>, summary: Value) -> PlanCommit {
+    let mut commit = plan(t0(), actions);
+    commit.partition = Some(PartitionDone {
+        run_id: p.run_id,
+        index: p.index,
+        holder: p.holder.clone(),
+        summary,
+    });
+    commit
+}
+
 async fn a_run_planned_in_partitions_stages_its_emails_until_its_guard_decision(
     store: Arc<dyn Store>,
 ) {
     let m = Duration::minutes;
-    let run = store.begin_run("test", t0(), t0()).await.unwrap();
-    assert_eq!(store.runs(10).await.unwrap()[0].status, "planning");
-    // Two partitions: emails of two rules, a webhook, an escalation, a tag.
-    let mut first = plan(
-        t0(),
+    some_customers(&*store, &["c1", "c2", "c3", "c4"]).await;
+    let (run, partitions) = store
+        .begin_run("test", &spec(None), t0(), 2, None)
+        .await
+        .unwrap();
+    assert_eq!(partitions, 2);
+    let record = &store.runs(10).await.unwrap()[0];
+    assert_eq!(record.status, "planning");
+    assert_eq!((record.partitions_done, record.partitions), (0, 2));
+    // Two partitions: c1..c2 (from the start of the id space) and c3 on.
+    let first = store
+        .claim_partition(Some(run), "h1/x", t0(), t0() + m(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.index, first.start.as_str()), (0, ""));
+    assert_eq!(first.end.as_deref(), Some("c3"));
+    assert_eq!(first.spec, spec(None));
+    let ids: Vec<String> = store
+        .partition_customers(&first)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id.to_string())
+        .collect();
+    assert_eq!(ids, ["c1", "c2"]);
+    let mut commit = partition_plan(
+        &first,
         vec![
             email("c1", "welcome", "welcome"),
             email("c1", "promo", "spring"),
             webhook("c1", "crm", "crm"),
             tag("c1", "level", "explorer"),
         ],
+        json!({"customers": 2}),
     );
-    first.partition_of = Some(run);
-    first.escalations = vec![escalation("c1", "stalled", "no login")];
-    let out = store.commit_plan(first).await.unwrap();
+    commit.escalations = vec![escalation("c1", "stalled", "no login")];
+    let out = store.commit_plan(commit).await.unwrap();
     assert_eq!(out.run_id, run);
-    let mut second = plan(
-        t0(),
-        vec![
-            email("c2", "welcome", "welcome"),
-            email("c2", "promo", "spring"),
-        ],
+    // While it plans, the run shows how far it got.
+    let record = &store.runs(10).await.unwrap()[0];
+    assert_eq!((record.partitions_done, record.partitions), (1, 2));
+    assert!(store.runs_ready_to_finish().await.unwrap().is_empty());
+    assert!(matches!(
+        store.finish_plan(run, &BTreeMap::new(), &json!({})).await,
+        Err(engaged::store::StoreError::LeaseLost(_))
+    ));
+    let second = store
+        .claim_partition(None, "h2/y", t0(), t0() + m(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((second.run_id, second.index), (run, 1));
+    assert_eq!(second.end, None);
+    assert!(
+        store
+            .claim_partition(None, "h3/z", t0(), t0() + m(1))
+            .await
+            .unwrap()
+            .is_none(),
+        "both are claimed"
     );
-    second.partition_of = Some(run);
-    store.commit_plan(second).await.unwrap();
+    store
+        .commit_plan(partition_plan(
+            &second,
+            vec![
+                email("c3", "welcome", "welcome"),
+                email("c3", "promo", "spring"),
+            ],
+            json!({"customers": 2}),
+        ))
+        .await
+        .unwrap();
+    let parts = store.run_partitions(run).await.unwrap();
+    assert!(parts.iter().all(|p| p.status == "done"));
+    assert_eq!(parts[0].summary, Some(json!({"customers": 2})));
+    assert_eq!(parts[1].holder.as_deref(), Some("h2/y"));
+    assert_eq!(parts[0].counts.as_ref().unwrap()["welcome"], counts(1, 0));
+    let ready = store.runs_ready_to_finish().await.unwrap();
+    assert_eq!(ready.len(), 1);
+    assert_eq!((ready[0].id, ready[0].spec.clone()), (run, spec(None)));
 
     // Staged emails are not delivered; the webhook and the notice are.
     let due = store.claim_due(t0(), t0() + m(10), 100).await.unwrap();
@@ -2128,31 +2224,22 @@ async fn a_run_planned_in_partitions_stages_its_emails_until_its_guard_decision(
     assert_eq!(kinds, ["escalation_notice", "webhook"]);
     // They count against the frequency cap and are known to dedup.
     let recent = store
-        .recent_email_counts(&[cid("c1"), cid("c2")], t0() - m(1))
+        .recent_email_counts(&[cid("c1"), cid("c3")], t0() - m(1))
         .await
         .unwrap();
     assert_eq!(recent.get(&cid("c1")), Some(&2));
-    let keys = vec![email("c2", "promo", "spring").dedup_key];
+    let keys = vec![email("c3", "promo", "spring").dedup_key];
     assert_eq!(store.existing_dedup_keys(&keys).await.unwrap().len(), 1);
     // Tags are applied at once.
-    let tags = store
-        .tags_in_id_range(&cid("c1"), &cid("c1"))
-        .await
-        .unwrap();
-    assert_eq!(tags.len(), 1);
+    assert_eq!(
+        store.tags_of(&[cid("c1"), cid("c2")]).await.unwrap().len(),
+        1
+    );
 
-    // While it plans, the run shows how far it got.
-    store
-        .record_progress(run, &json!({"progress": {"customers": 2, "of": 4}}))
-        .await
-        .unwrap();
-    let record = &store.runs(10).await.unwrap()[0];
-    assert_eq!(record.summary["progress"]["customers"], 2);
-    assert_eq!(record.summary["progress"]["of"], 4);
     // The guard holds `promo`; `welcome` is released.
     let hold = BTreeMap::from([("promo".to_owned(), "held by the guard".to_owned())]);
     let held = store
-        .finish_plan(run, &hold, &json!({"customers": 2}), None)
+        .finish_plan(run, &hold, &json!({"customers": 4}))
         .await
         .unwrap();
     assert_eq!(held, BTreeMap::from([("promo".to_owned(), 2)]));
@@ -2161,84 +2248,177 @@ async fn a_run_planned_in_partitions_stages_its_emails_until_its_guard_decision(
         .iter()
         .map(|i| format!("{} {}", i.customer_id, i.rule))
         .collect();
-    assert_eq!(subjects, ["c1 welcome", "c2 welcome"]);
+    assert_eq!(subjects, ["c1 welcome", "c3 welcome"]);
     let record = &store.runs(10).await.unwrap()[0];
     assert_eq!(record.status, "held");
-    assert_eq!(record.summary, json!({"customers": 2}), "the final summary");
+    assert_eq!(record.summary, json!({"customers": 4}), "the final summary");
     assert_eq!(record.held.get("promo"), Some(&2));
-    // A finished run takes no more partitions and is not finished twice.
-    let mut late = plan(t0(), vec![email("c3", "welcome", "welcome")]);
-    late.partition_of = Some(run);
+    // A finished run is not finished twice and takes no late commit.
+    assert!(matches!(
+        store.finish_plan(run, &BTreeMap::new(), &json!({})).await,
+        Err(engaged::store::StoreError::LeaseLost(_))
+    ));
+    let late = partition_plan(&second, vec![email("c4", "welcome", "welcome")], json!({}));
     assert!(matches!(
         store.commit_plan(late).await,
         Err(engaged::store::StoreError::LeaseLost(_))
     ));
-    assert!(matches!(
-        store
-            .finish_plan(run, &BTreeMap::new(), &json!({}), None)
-            .await,
-        Err(engaged::store::StoreError::LeaseLost(_))
-    ));
-    // The open escalations of a range of customers.
-    let open = store
-        .open_escalations_in_id_range(&cid("c0"), &cid("c1"))
-        .await
-        .unwrap();
-    assert_eq!(open.len(), 1);
+    // The open escalations of some customers.
+    assert_eq!(
+        store.open_escalations_of(&[cid("c1")]).await.unwrap().len(),
+        1
+    );
     assert!(
         store
-            .open_escalations_in_id_range(&cid("c2"), &cid("c9"))
+            .open_escalations_of(&[cid("c2"), cid("c3")])
             .await
             .unwrap()
             .is_empty()
     );
 }
 
-async fn a_run_abandoned_mid_plan_frees_its_staged_emails_and_takes_no_more(store: Arc<dyn Store>) {
-    let m = Duration::minutes;
-    let dead = store.begin_run("test", t0(), t0()).await.unwrap();
-    let mut part = plan(
-        t0(),
-        vec![
-            email("c1", "welcome", "welcome"),
-            webhook("c1", "crm", "crm"),
-        ],
-    );
-    part.partition_of = Some(dead);
-    store.commit_plan(part).await.unwrap();
-    // Its planner died; the next one abandons it.
-    assert_eq!(store.abandon_unfinished_runs(t0() + m(1)).await.unwrap(), 1);
-    assert_eq!(store.abandon_unfinished_runs(t0() + m(1)).await.unwrap(), 0);
-    assert_eq!(store.runs(10).await.unwrap()[0].status, "abandoned");
-    // The staged email is gone, its key free; the webhook it committed stays.
-    let keys = vec![email("c1", "welcome", "welcome").dedup_key];
-    assert!(store.existing_dedup_keys(&keys).await.unwrap().is_empty());
-    let due = store
-        .claim_due(t0() + m(1), t0() + m(11), 100)
+async fn a_partition_whose_holder_stopped_is_taken_over_and_committed_once(store: Arc<dyn Store>) {
+    let s = Duration::seconds;
+    some_customers(&*store, &["c1", "c2", "c3", "c4"]).await;
+    let (run, _) = store
+        .begin_run("test", &spec(None), t0(), 2, None)
         .await
         .unwrap();
-    assert_eq!(due.len(), 1);
-    assert_eq!(due[0].kind, OutboxKind::Webhook);
-    let mut late = plan(t0(), vec![email("c2", "welcome", "welcome")]);
-    late.partition_of = Some(dead);
+    let slow = store
+        .claim_partition(Some(run), "slow/a", t0(), t0() + s(15))
+        .await
+        .unwrap()
+        .unwrap();
+    // Renewed leases keep it the slow holder's.
+    assert_eq!(
+        store
+            .renew_partitions("slow/a", t0() + s(30))
+            .await
+            .unwrap(),
+        1
+    );
+    let other = store
+        .claim_partition(Some(run), "fast/b", t0() + s(20), t0() + s(35))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(other.index, 1, "the renewed one is skipped");
+    assert!(
+        store
+            .claim_partition(Some(run), "fast/b", t0() + s(20), t0() + s(35))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Its lease ends: the partition is taken over.
+    let taken = store
+        .claim_partition(Some(run), "fast/c", t0() + s(31), t0() + s(46))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.index, slow.index);
+    // The slow holder's commit is refused and leaves nothing.
     assert!(matches!(
-        store.commit_plan(late).await,
+        store
+            .commit_plan(partition_plan(
+                &slow,
+                vec![email("c1", "welcome", "welcome")],
+                json!({})
+            ))
+            .await,
         Err(engaged::store::StoreError::LeaseLost(_))
     ));
-    // The next run plans the email afresh, and it goes.
-    let next = store.begin_run("test", t0(), t0()).await.unwrap();
-    let mut part = plan(t0(), vec![email("c1", "welcome", "welcome")]);
-    part.partition_of = Some(next);
-    let out = store.commit_plan(part).await.unwrap();
+    assert!(
+        store
+            .actions_for_customer(&cid("c1"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let out = store
+        .commit_plan(partition_plan(
+            &taken,
+            vec![email("c1", "welcome", "welcome")],
+            json!({}),
+        ))
+        .await
+        .unwrap();
     assert_eq!(out.per_rule["welcome"], counts(1, 0));
+    let parts = store.run_partitions(run).await.unwrap();
+    assert_eq!((parts[0].status.as_str(), parts[0].claims), ("done", 2));
+    assert_eq!(parts[0].holder.as_deref(), Some("fast/c"));
+    // A dead holder's claims are released at once (see `liveness`).
+    assert!(
+        store
+            .lease_holders()
+            .await
+            .unwrap()
+            .contains(&"fast/b".to_owned())
+    );
+    let released = store.release_holder("fast", t0() + s(32)).await.unwrap();
+    assert_eq!(released.partitions, 1);
+    let again = store
+        .claim_partition(None, "next/d", t0() + s(32), t0() + s(47))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.run_id, again.index), (run, 1));
+}
+
+async fn a_run_over_what_changed_covers_only_the_customers_changed_since(store: Arc<dyn Store>) {
+    some_customers(&*store, &["c1", "c2", "c3", "c4"]).await;
+    // Every change before the last run began was seen by it.
+    assert_eq!(
+        store.changes_seen_by_last_run("schedule:x").await.unwrap(),
+        None
+    );
+    let (first, _) = store
+        .begin_run("schedule:x", &spec(None), Utc::now(), 100, None)
+        .await
+        .unwrap();
+    let seen = store
+        .changes_seen_by_last_run("schedule:x")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(seen <= Utc::now());
+    assert_eq!(
+        store.changes_seen_by_last_run("schedule:y").await.unwrap(),
+        None
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // Since then: an event for c3, an update of c1, and an event of a
+    // customer not known yet.
+    let since = Utc::now();
     store
-        .finish_plan(next, &BTreeMap::new(), &json!({}), None)
+        .insert_events(&[
+            event("m1", "c3", "login", t0(), json!({})),
+            event("m2", "zz", "login", t0(), json!({})),
+        ])
         .await
         .unwrap();
-    let due = store
-        .claim_due(t0() + m(2), t0() + m(12), 100)
+    some_customers(&*store, &["c1"]).await;
+    let (run, partitions) = store
+        .begin_run("schedule:x", &spec(Some(since)), Utc::now(), 1, None)
         .await
         .unwrap();
-    assert_eq!(due.len(), 1);
-    assert_eq!(due[0].kind, OutboxKind::Email);
+    assert!(run > first);
+    assert_eq!(partitions, 3, "c1, c3 and zz changed");
+    let mut seen_ids = Vec::new();
+    while let Some(p) = store
+        .claim_partition(Some(run), "h/a", t0(), t0() + Duration::minutes(1))
+        .await
+        .unwrap()
+    {
+        for c in store.partition_customers(&p).await.unwrap() {
+            seen_ids.push(c.id.to_string());
+        }
+    }
+    assert_eq!(seen_ids, ["c1", "c3"], "zz is not a customer yet");
+    let histories = store
+        .histories_of(&[cid("c3"), cid("c1")], t0())
+        .await
+        .unwrap();
+    assert_eq!(histories.len(), 1);
+    assert_eq!(histories[0].0, cid("c3"));
 }
