@@ -63,6 +63,11 @@ pub enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Run as this schedule of engaged.toml fires it: its rules, and
+        /// with `customers = "changed"` only the customers changed since its
+        /// last run (a dry run evaluates its rules over every customer).
+        #[arg(long, value_name = "NAME")]
+        schedule: Option<String>,
     },
     /// What a run would do now (no side effects), and with --against, how
     /// another version of the rules would change it.
@@ -374,13 +379,22 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::Run { now, dry_run, json } => {
+        Command::Run {
+            now,
+            dry_run,
+            json,
+            schedule,
+        } => {
             let app = if dry_run {
                 App::open_existing(cli.config.as_deref()).await?
             } else {
                 App::open(cli.config.as_deref()).await?
             };
-            let summary = run(&app, now.unwrap_or_else(Utc::now), dry_run, "cli").await?;
+            let scope = match &schedule {
+                None => RunScope::all("cli"),
+                Some(name) => RunScope::of_schedule(&app, name, dry_run).await?,
+            };
+            let summary = run(&app, now.unwrap_or_else(Utc::now), dry_run, scope).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
@@ -896,7 +910,58 @@ async fn suppressions(
     }
 }
 
-async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, trigger: &str) -> Result<RunSummary> {
+/// Which rules and customers a CLI run evaluates, and under which trigger.
+struct RunScope {
+    trigger: String,
+    only_rules: Option<Vec<String>>,
+    changed_since: Option<DateTime<Utc>>,
+}
+
+impl RunScope {
+    /// Every rule over every customer, under `trigger`.
+    fn all(trigger: &str) -> Self {
+        Self {
+            trigger: trigger.into(),
+            only_rules: None,
+            changed_since: None,
+        }
+    }
+
+    /// As the daemon fires schedule `name` (its runs' trigger, so the next
+    /// firing over what changed starts where this run's view ended).
+    async fn of_schedule(app: &App, name: &str, dry_run: bool) -> Result<Self> {
+        let Some(s) = app.config.schedules.iter().find(|s| s.name == name) else {
+            let names: Vec<&str> = app
+                .config
+                .schedules
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            bail!(
+                "no schedule named {name:?} in the configuration (schedules: {})",
+                if names.is_empty() {
+                    "none".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            );
+        };
+        let trigger = format!("schedule:{name}");
+        let changed_since = match s.customers {
+            crate::config::CustomerScope::Changed if !dry_run => {
+                app.store.changes_seen_by_last_run(&trigger).await?
+            }
+            _ => None,
+        };
+        Ok(Self {
+            trigger,
+            only_rules: s.rules.clone(),
+            changed_since,
+        })
+    }
+}
+
+async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, scope: RunScope) -> Result<RunSummary> {
     let (rules, templates) = app.load_rules_and_templates(true)?;
     let deliverer = if dry_run {
         None
@@ -908,10 +973,10 @@ async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, trigger: &str) -> Res
     let opts = RunOptions {
         now,
         dry_run,
-        trigger: trigger.to_owned(),
+        trigger: scope.trigger,
         retry_window: Duration::from_millis(app.config.delivery.run_retry_window_ms),
-        only_rules: None,
-        changed_since: None,
+        only_rules: scope.only_rules,
+        changed_since: scope.changed_since,
         policy: app.config.policy.clone(),
         guard: app.config.guard.clone(),
         escalation: app.config.escalation.clone(),
@@ -1417,7 +1482,7 @@ async fn demo(
     print_import(&r);
     let r = ingest::import_events(Arc::clone(&app.store), &files.events_jsonl).await?;
     print_import(&r);
-    let summary = run(&app, now, false, "demo").await?;
+    let summary = run(&app, now, false, RunScope::all("demo")).await?;
     print_summary(&summary);
     if app.config.mail.effective_transport() == crate::config::Transport::File {
         println!("Mail written to {}/", app.config.mail.outbox_dir.display());

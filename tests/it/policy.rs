@@ -1404,3 +1404,81 @@ async fn simulate_all_settles_the_guard_and_owner_caps_over_every_page_of_the_ba
     let store = app.store().await;
     assert!(store.runs(10).await.unwrap().is_empty(), "nothing written");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schedule_over_what_changed_evaluates_only_the_customers_changed_since_its_last_run() {
+    let app = TestApp::new().await;
+    only_rules(
+        &app,
+        &[
+            (
+                "welcome",
+                "if days_since_signup() <= 1 { send_email(\"welcome\"); }\n",
+            ),
+            ("everyone", "tag(\"seen\");\n"),
+        ],
+    );
+    app.write_config(
+        "[[schedules]]\nname = \"minutely\"\ncron = \"0 * * * * *\"\nrules = [\"welcome\"]\ncustomers = \"changed\"\n",
+    );
+    let mut old = String::from("id,email,created_at\n");
+    for i in 0..2500 {
+        old.push_str(&format!(
+            "o{i:05},o{i:05}@example.com,2020-01-01T00:00:00Z\n"
+        ));
+    }
+    app.import_customers(&old).await;
+    // Its first run has no last run to start from: everyone, its rules only.
+    let first = run_minutely(&app).await;
+    assert_eq!(first["customers"], 2500, "{first}");
+    assert_eq!(first["rules"]["welcome"]["emails"], 0);
+    assert!(first["rules"].get("everyone").is_none(), "{first}");
+    assert!(first.get("changed_since").is_none());
+
+    // Two sign-ups and an event of a long-standing customer since then.
+    app.import_customers(
+        "id,email,created_at\nn1,n1@example.com,2026-06-15T01:00:00Z\nn2,n2@example.com,2026-06-15T01:30:00Z\n",
+    )
+    .await;
+    app.import_events(
+        "{\"type\":\"track\",\"userId\":\"o00007\",\"event\":\"login\",\"timestamp\":\"2026-06-15T01:00:00Z\",\"messageId\":\"m1\"}\n",
+    )
+    .await;
+    let second = run_minutely(&app).await;
+    assert_eq!(second["customers"], 3, "{second}");
+    assert!(second["changed_since"].is_string(), "{second}");
+    assert_eq!(second["rules"]["welcome"]["planned"], 2, "{second}");
+    let mut to: Vec<String> = app
+        .smtp
+        .messages()
+        .iter()
+        .map(|m| m.rcpt_to[0].clone())
+        .collect();
+    to.sort();
+    assert_eq!(to, ["n1@example.com", "n2@example.com"]);
+
+    // Nothing changed since: nobody is evaluated.
+    let third = run_minutely(&app).await;
+    assert_eq!(third["customers"], 0, "{third}");
+    assert_eq!(third["partitions"], 0);
+    // The nightly default (every customer) is untouched by the watermark.
+    let all = app.run_at(NOW).await;
+    assert_eq!(all["customers"], 2502, "{all}");
+    assert_eq!(app.smtp.count(), 2, "the welcomes went once");
+
+    let r = app.engaged(&["run", "--schedule", "hourly"]).await;
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("no schedule named \"hourly\"") && r.stderr.contains("minutely"),
+        "{}",
+        r.stderr
+    );
+}
+
+async fn run_minutely(app: &TestApp) -> serde_json::Value {
+    let r = app
+        .engaged(&["run", "--now", NOW, "--json", "--schedule", "minutely"])
+        .await;
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    r.json()
+}

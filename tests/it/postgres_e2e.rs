@@ -232,3 +232,160 @@ async fn a_postgres_url_that_requires_tls_connects_over_tls() {
     assert_eq!(store.customer_count().await.unwrap(), 0);
     store.ping().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_serve_replicas_share_a_run_and_one_killed_mid_run_loses_and_repeats_nothing() {
+    const N: usize = 24_000;
+    let app = TestApp::with_postgres().await;
+    app.write_config(
+        "[delivery]\nconcurrency = 8\nshutdown_grace_ms = 5000\n[guard]\nmin_count = 1000000\n",
+    );
+    // A welcome, and a rule that takes a little time per customer, so the
+    // run's twelve partitions are still being planned when one replica dies.
+    for f in std::fs::read_dir(app.path("rules")).unwrap() {
+        let path = f.unwrap().path();
+        if path.is_file() {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    app.write(
+        "rules/welcome.rhai",
+        "if days_since_signup() <= 1 { send_email(\"welcome\"); }\n",
+    );
+    app.write(
+        "rules/busy.rhai",
+        "let x = 0;\nfor i in 0..150 { x += i; }\nif x < 0 { tag(\"never\"); }\n",
+    );
+    let signed_up = (Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let mut csv = String::from("id,email,created_at\n");
+    for i in 0..N {
+        csv.push_str(&format!("r{i:05},r{i:05}@example.com,{signed_up}\n"));
+    }
+    let r = app.import_customers(&csv).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    let ports = [free_port(), free_port(), free_port()];
+    let mut replicas = Vec::new();
+    for port in ports {
+        let mut cmd = app.command(&["serve"]);
+        cmd.env("ENGAGED_HTTP__LISTEN", format!("127.0.0.1:{port}"));
+        replicas.push(app.serve(port, &mut cmd).await);
+    }
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/admin/runs", ports[0]))
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    // Wait until the third replica holds a partition of the run, then kill
+    // it (SIGKILL: no shutdown, its claims stay behind).
+    let store = app.store().await;
+    let victim = replicas[2].id().unwrap();
+    let mark = format!(":{victim}:");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let run_id = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the third replica never joined the run"
+        );
+        if let Some(run) = store.runs(1).await.unwrap().pop() {
+            let parts = store.run_partitions(run.id).await.unwrap();
+            let theirs = parts.iter().any(|p| {
+                p.status == "claimed" && p.holder.as_deref().is_some_and(|h| h.contains(&mark))
+            });
+            if run.status == "planning" && theirs {
+                break run.id;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Frozen first, so what it holds cannot change before it dies.
+    let signal = |sig: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([sig, &victim.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal("-STOP");
+    let held: Vec<u32> = store
+        .run_partitions(run_id)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|p| p.status == "claimed" && p.holder.as_deref().is_some_and(|h| h.contains(&mark)))
+        .map(|p| p.index)
+        .collect();
+    assert!(!held.is_empty());
+    let started = std::time::Instant::now();
+    signal("-KILL");
+    let mut victim_child = replicas.pop().unwrap();
+    victim_child.wait().await.unwrap();
+    assert_eq!(
+        app.smtp.count(),
+        0,
+        "nothing is sent before the run's guard decision"
+    );
+
+    // The others take its partitions over and finish the run; every welcome
+    // arrives once.
+    let wait_planned = std::time::Instant::now() + Duration::from_secs(120);
+    while store.runs(1).await.unwrap()[0].status == "planning" {
+        assert!(
+            std::time::Instant::now() < wait_planned,
+            "the run was never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("planned {:?} after the kill", started.elapsed());
+    app.smtp.wait_for(N, Duration::from_secs(240)).await;
+    eprintln!("delivered {:?} after the kill", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let per = per_recipient(&app);
+    assert_eq!(per.len(), N, "every expected email arrived");
+    assert!(per.values().all(|n| *n == 1), "each once");
+    for child in &replicas {
+        terminate(child);
+    }
+    for mut child in replicas {
+        let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .expect("serve exits within its grace period")
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+    }
+
+    let parts = store.run_partitions(run_id).await.unwrap();
+    assert_eq!(parts.len(), N / engaged::pipeline::PARTITION);
+    assert!(parts.iter().all(|p| p.status == "done"), "{parts:?}");
+    for i in held {
+        let p = &parts[i as usize];
+        assert!(p.claims >= 2, "partition {i} was taken over: {p:?}");
+        assert!(!p.holder.as_deref().unwrap().contains(&mark), "{p:?}");
+    }
+    let runs = store.runs(10).await.unwrap();
+    assert_eq!(runs.len(), 1, "one run");
+    let run = &runs[0];
+    assert_eq!(run.status, "completed");
+    let summary = &run.summary;
+    assert_eq!(summary["customers"], N as u64, "{summary}");
+    assert_eq!(
+        summary["rules"]["welcome"]["planned"], N as u64,
+        "{summary}"
+    );
+    let shares = summary["replicas"].as_object().unwrap();
+    assert!(shares.len() >= 2, "several replicas planned it: {shares:?}");
+    let (mut partitions, mut customers) = (0, 0);
+    for share in shares.values() {
+        partitions += share["partitions"].as_u64().unwrap();
+        customers += share["customers"].as_u64().unwrap();
+    }
+    assert_eq!((partitions as usize, customers as usize), (parts.len(), N));
+    let counts = store.outbox_counts().await.unwrap();
+    assert_eq!(
+        (counts.sent, counts.pending, counts.sending),
+        (N as u64, 0, 0)
+    );
+}
