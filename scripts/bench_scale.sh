@@ -44,6 +44,17 @@ from = "Acme <hello@acme.test>"
 transport = "file"
 outbox_dir = "$OUT/outbox"
 TOML
+# For the run over what changed (issue 10, point 4): the same settings and a
+# schedule over what changed (a separate file, so that `simulate` above does
+# not simulate its 1,440 fire times a day).
+{ cat "$OUT/engaged.toml"; cat <<'TOML'
+[[schedules]]
+name = "changed"
+cron = "0 * * * * *"
+rules = ["welcome"]
+customers = "changed"
+TOML
+} > "$OUT/changed.toml"
 cd "$OUT"
 
 # Seconds and peak KB of a command: "SECONDS KB".
@@ -52,11 +63,12 @@ measure() {
   cat "$OUT/time.txt" | tail -1
 }
 
-# Seconds until the run's plan is committed, and its peak KB.
+# Seconds until the run's plan is committed, and its peak KB (extra
+# arguments go to `engaged run`).
 plan_time() {
   local start pid t=""
   start=$(date +%s.%N)
-  ENGAGED_LOG=info /usr/bin/time -f '%M' -o "$OUT/time.txt" "$BIN" run --now "$NOW" \
+  ENGAGED_LOG=info /usr/bin/time -f '%M' -o "$OUT/time.txt" "$BIN" --config "${CFG:-$OUT/engaged.toml}" run --now "$NOW" "$@" \
     > "$OUT/run.out" 2> "$OUT/run.err" &
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
@@ -92,6 +104,21 @@ b3=$(baseline)
 read -r dry dry_kb < <(measure "$BIN" run --dry-run --now "$NOW")
 read -r plan plan_kb < <(measure "$BIN" plan --now "$NOW")
 read -r sim sim_kb < <(measure "$BIN" simulate --all --days 1 --now "$NOW")
+# A schedule over what changed: its first run covers everyone (and sets its
+# watermark); then 1,000 customers get an event and the next run covers them.
+read -r chg0 chg0_kb < <(CFG="$OUT/changed.toml" plan_time --schedule changed)
+python3 - "$DATA/customers.csv" "$OUT/changed.jsonl" <<'PY'
+import csv, sys
+ids = [r["id"] for r in csv.DictReader(open(sys.argv[1]))]
+step = max(1, len(ids) // 1000)
+with open(sys.argv[2], "w") as f:
+    for n, i in enumerate(ids[::step][:1000]):
+        f.write('{"type":"track","userId":"%s","event":"login","timestamp":"2026-03-10T11:00:00Z","messageId":"bench-changed-%d"}\n' % (i, n))
+PY
+"$BIN" import events "$OUT/changed.jsonl" > /dev/null
+read -r chg chg_kb < <(CFG="$OUT/changed.toml" plan_time --schedule changed)
+chg_customers=$("$BIN" runs --json | python3 -c "import json, sys; print(json.load(sys.stdin)[0]['summary']['customers'])")
+echo "run over what changed: first (everyone) $chg0 s; then $chg_customers changed customers in $chg s (process start to plan committed), peak $chg_kb KB"
 
 python3 - "$OUT" "$b1" "$b2" "$b3" "$fresh" "$fresh_kb" "$rerun" "$rerun_kb" \
   "$dry" "$dry_kb" "$plan" "$plan_kb" "$sim" "$sim_kb" "$BIN" <<'PY'

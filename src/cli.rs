@@ -364,14 +364,19 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Test { paths } => test_fixtures(cli.config.as_deref(), paths),
         Command::Import { what } => {
             let app = App::open(cli.config.as_deref()).await?;
+            let bar = import_bar();
             let report = match what {
                 ImportCommand::Customers { file } => {
-                    ingest::import_customers(Arc::clone(&app.store), &file).await?
+                    ingest::import_customers_with(Arc::clone(&app.store), &file, bar.clone())
+                        .await?
                 }
                 ImportCommand::Events { file } => {
-                    ingest::import_events(Arc::clone(&app.store), &file).await?
+                    ingest::import_events_with(Arc::clone(&app.store), &file, bar.clone()).await?
                 }
             };
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
             print_import(&report);
             Ok(if report.rejected > 0 {
                 ExitCode::from(1)
@@ -998,6 +1003,20 @@ async fn run(app: &App, now: DateTime<Utc>, dry_run: bool, scope: RunScope) -> R
         p.finish_and_clear();
     }
     Ok(summary)
+}
+
+/// A progress bar over an import file's bytes, on a terminal only.
+fn import_bar() -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "importing {bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    Some(bar)
 }
 
 fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {

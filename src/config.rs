@@ -976,6 +976,8 @@ mod tests {
         let end = body.find("```").unwrap();
         let c = parse(&body[..end], &[]).unwrap();
         assert_eq!(c.mail.effective_transport(), Transport::Smtp);
-        assert_eq!(c.schedules.len(), 1);
+        assert_eq!(c.schedules.len(), 2);
+        assert_eq!(c.schedules[0].customers, CustomerScope::All);
+        assert_eq!(c.schedules[1].customers, CustomerScope::Changed);
     }
 }

@@ -147,7 +147,16 @@ pub async fn import_customers(
     store: Arc<dyn Store>,
     path: &Path,
 ) -> Result<ImportReport, IngestError> {
-    let (mut records, headers) = open_csv(path)?;
+    import_customers_with(store, path, None).await
+}
+
+/// [`import_customers`], advancing `progress` by the bytes read.
+pub async fn import_customers_with(
+    store: Arc<dyn Store>,
+    path: &Path,
+    progress: Option<ProgressBar>,
+) -> Result<ImportReport, IngestError> {
+    let (mut records, headers) = open_csv(path, progress)?;
     for required in ["id", "email"] {
         if !headers.iter().any(|h| h == required) {
             return Err(IngestError::BadFile {
@@ -201,17 +210,29 @@ pub async fn import_customers(
     Ok(report)
 }
 
-type CsvRecords = Records<BufReader<std::fs::File>>;
+/// What imports read: the file, counted on a progress bar (hidden when the
+/// CLI is not on a terminal).
+type Input = BufReader<indicatif::ProgressBarIter<std::fs::File>>;
+type CsvRecords = Records<Input>;
+use indicatif::ProgressBar;
 
 /// Opens a file for reading as text: refuses UTF-16/32 and other
 /// non-text files with one error saying what they are, and skips a UTF-8
 /// byte-order mark.
-fn open_text(path: &Path, capacity: usize) -> Result<BufReader<std::fs::File>, IngestError> {
+fn open_text(
+    path: &Path,
+    capacity: usize,
+    progress: Option<ProgressBar>,
+) -> Result<Input, IngestError> {
     let file = std::fs::File::open(path).map_err(|source| IngestError::Read {
         path: path.to_owned(),
         source,
     })?;
-    let mut reader = BufReader::with_capacity(capacity, file);
+    let bar = progress.unwrap_or_else(ProgressBar::hidden);
+    if let Ok(meta) = file.metadata() {
+        bar.set_length(meta.len());
+    }
+    let mut reader = BufReader::with_capacity(capacity, bar.wrap_read(file));
     let head = reader.fill_buf().map_err(|source| IngestError::Read {
         path: path.to_owned(),
         source,
@@ -225,8 +246,11 @@ fn open_text(path: &Path, capacity: usize) -> Result<BufReader<std::fs::File>, I
 }
 
 /// Opens a CSV file and reads its header row (names trimmed, lower-cased).
-fn open_csv(path: &Path) -> Result<(CsvRecords, Vec<String>), IngestError> {
-    let reader = open_text(path, 64 * 1024)?;
+fn open_csv(
+    path: &Path,
+    progress: Option<ProgressBar>,
+) -> Result<(CsvRecords, Vec<String>), IngestError> {
+    let reader = open_text(path, 64 * 1024, progress)?;
     let mut records = Records::new(Lines::new(reader, records::MAX_RECORD_BYTES));
     let bad = |message: String| IngestError::BadFile {
         path: path.to_owned(),
@@ -261,7 +285,7 @@ pub async fn import_suppressions(
     path: &Path,
     now: chrono::DateTime<Utc>,
 ) -> Result<ImportReport, IngestError> {
-    let (mut records, headers) = open_csv(path)?;
+    let (mut records, headers) = open_csv(path, None)?;
     let col = |name: &str| headers.iter().position(|h| h == name);
     let Some(email_col) = col("email") else {
         return Err(IngestError::BadFile {
@@ -403,7 +427,16 @@ pub async fn import_events(
     store: Arc<dyn Store>,
     path: &Path,
 ) -> Result<ImportReport, IngestError> {
-    let mut reader = open_text(path, 1 << 20)?;
+    import_events_with(store, path, None).await
+}
+
+/// [`import_events`], advancing `progress` by the bytes read.
+pub async fn import_events_with(
+    store: Arc<dyn Store>,
+    path: &Path,
+    progress: Option<ProgressBar>,
+) -> Result<ImportReport, IngestError> {
+    let mut reader = open_text(path, 1 << 20, progress)?;
     let (tx, rx) = mpsc::channel::<Batch>(4);
     let received_at = Utc::now();
     let reader_task = tokio::task::spawn_blocking(move || -> std::io::Result<()> {

@@ -825,28 +825,33 @@ impl Store for SqliteStore {
     }
 
     async fn partition_customers(&self, p: &Partition) -> StoreResult<Vec<Customer>> {
-        let rows = match p.spec.changed_since {
-            None => sqlx::query(
-                "SELECT * FROM customers WHERE id >= ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id",
-            )
-            .bind(&p.start)
-            .bind(&p.end)
-            .fetch_all(&self.pool)
-            .await?,
-            Some(since) => {
-                sqlx::query(
-                    "SELECT c.* FROM customer_changes ch JOIN customers c ON c.id = ch.customer_id
-                     WHERE ch.changed_at >= ?3 AND ch.customer_id >= ?1
-                       AND (?2 IS NULL OR ch.customer_id < ?2)
-                     ORDER BY c.id",
-                )
-                .bind(&p.start)
-                .bind(&p.end)
-                .bind(to_millis(since))
-                .fetch_all(&self.pool)
-                .await?
+        // The range's end is in the statement only when it has one: `(end
+        // IS NULL OR id < end)` would keep the index from stopping at the
+        // end, and every partition would scan to the last customer.
+        let sql = match (p.spec.changed_since.is_some(), p.end.is_some()) {
+            (false, true) => "SELECT * FROM customers WHERE id >= ?1 AND id < ?2 ORDER BY id",
+            (false, false) => "SELECT * FROM customers WHERE id >= ?1 ORDER BY id",
+            (true, true) => {
+                "SELECT c.* FROM customer_changes ch JOIN customers c ON c.id = ch.customer_id
+                 WHERE ch.changed_at >= ?3 AND ch.customer_id >= ?1 AND ch.customer_id < ?2
+                 ORDER BY c.id"
+            }
+            (true, false) => {
+                "SELECT c.* FROM customer_changes ch JOIN customers c ON c.id = ch.customer_id
+                 WHERE ch.changed_at >= ?3 AND ch.customer_id >= ?1 AND ?2 = ''
+                 ORDER BY c.id"
             }
         };
+        let since = p.spec.changed_since.map(to_millis).unwrap_or(0);
+        let end = p.end.as_deref().unwrap_or("");
+        let mut q = sqlx::query(sql).bind(&p.start);
+        if p.end.is_some() || p.spec.changed_since.is_some() {
+            q = q.bind(end);
+        }
+        if p.spec.changed_since.is_some() {
+            q = q.bind(since);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(customer_from_row).collect()
     }
 
