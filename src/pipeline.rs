@@ -710,7 +710,14 @@ pub async fn run(
         "Run begun."
     );
     let mut summary = loop {
-        participate(&planner, run_id, None, progress).await?;
+        participate(
+            &planner,
+            run_id,
+            None,
+            crate::liveness::holder_token(),
+            progress,
+        )
+        .await?;
         if let Some((status, summary)) = store.run_status(run_id).await?
             && status != "planning"
         {
@@ -772,7 +779,7 @@ pub async fn help_with_runs(planner: &Planner<'_>) -> Result<Option<i64>, RunErr
             partition = first.index,
             "Joining a run that has partitions to plan."
         );
-        participate_as(planner, run_id, Some(first), holder, None).await?;
+        participate(planner, run_id, Some(first), holder, None).await?;
         return Ok(Some(run_id));
     }
     let ready = planner.store.runs_ready_to_finish().await?;
@@ -801,7 +808,7 @@ async fn finish_abandoned(planner: &Planner<'_>) -> Result<(), RunError> {
             run = first.run_id,
             "A run that stopped between partitions is finished first."
         );
-        participate_as(planner, first.run_id, Some(first), holder, None).await?;
+        participate(planner, first.run_id, Some(first), holder, None).await?;
     }
     for run in planner.store.runs_ready_to_finish().await? {
         finish(planner, &run).await?;
@@ -809,25 +816,10 @@ async fn finish_abandoned(planner: &Planner<'_>) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Plans partitions of run `run_id` while there are any to claim, then
+/// Plans partitions of run `run_id` for `holder` while there are any to
+/// claim (starting with `first`, when the caller claimed one), then
 /// finishes the run if they are all done.
 async fn participate(
-    planner: &Planner<'_>,
-    run_id: i64,
-    first: Option<Partition>,
-    progress: Option<&indicatif::ProgressBar>,
-) -> Result<(), RunError> {
-    participate_as(
-        planner,
-        run_id,
-        first,
-        crate::liveness::holder_token(),
-        progress,
-    )
-    .await
-}
-
-async fn participate_as(
     planner: &Planner<'_>,
     run_id: i64,
     first: Option<Partition>,
@@ -998,10 +990,6 @@ async fn finish(planner: &Planner<'_>, run: &UnfinishedRun) -> Result<(), RunErr
         summary.customers
     };
     let hold = guard_holds(&reach, base, planner.guard);
-    for rule in hold.keys() {
-        // Until the final count below: the run's new emails of the rule.
-        summary.rules.entry(rule.clone()).or_default();
-    }
     let held = match planner
         .store
         .finish_plan(

@@ -33,7 +33,7 @@ use sqlx::{Connection, PgPool, Postgres, Row};
 use super::rows::{
     action_from_row, corrupt, customer_from_row, decision_from_row, escalation_from_row,
     event_from_row, id_of, json_of, partition_from_rows, partition_ranges,
-    partition_record_from_row, unfinished_run_from_row,
+    partition_record_from_row, tag_from_row, unfinished_run_from_row,
 };
 use super::*;
 use crate::domain::{Customer, CustomerId, CustomerPatch, Event};
@@ -177,6 +177,30 @@ fn strings<'a>(items: impl Iterator<Item = &'a str>) -> Vec<String> {
 }
 
 type Tx = sqlx::Transaction<'static, Postgres>;
+
+/// Marks a running firing done with its run, if `f`'s holder still has it
+/// (`LeaseLost` otherwise: another process took it over).
+async fn mark_firing_done(tx: &mut Tx, f: &Firing, run_id: i64, at: i64) -> StoreResult<()> {
+    let n = sqlx::query(
+        "UPDATE schedule_firings SET status = 'done', run_id = $1, finished_at = $2, lease_until = NULL
+         WHERE schedule = $3 AND fire_at = $4 AND status = 'running' AND holder = $5",
+    )
+    .bind(run_id)
+    .bind(at)
+    .bind(&f.schedule)
+    .bind(to_millis(f.fire_at))
+    .bind(&f.holder)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        return Err(StoreError::LeaseLost(format!(
+            "schedule {:?} firing at {}",
+            f.schedule, f.fire_at
+        )));
+    }
+    Ok(())
+}
 
 /// Records that these customers' data changed at `at` (for schedules that
 /// evaluate only what changed). Sorted and distinct: concurrent batches take
@@ -478,24 +502,7 @@ impl PostgresStore {
             }
         };
         if let Some(f) = plan.firing.as_ref().filter(|_| !staged) {
-            let n = sqlx::query(
-                "UPDATE schedule_firings SET status = 'done', run_id = $1, finished_at = $2, lease_until = NULL
-                 WHERE schedule = $3 AND fire_at = $4 AND status = 'running' AND holder = $5",
-            )
-            .bind(run_id)
-            .bind(now_ms)
-            .bind(&f.schedule)
-            .bind(to_millis(f.fire_at))
-            .bind(&f.holder)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if n == 0 {
-                return Err(StoreError::LeaseLost(format!(
-                    "schedule {:?} firing at {}",
-                    f.schedule, f.fire_at
-                )));
-            }
+            mark_firing_done(&mut tx, f, run_id, now_ms).await?;
         }
 
         let mut per_rule: BTreeMap<String, RuleCommitCounts> = BTreeMap::new();
@@ -997,12 +1004,7 @@ impl Store for PostgresStore {
         .bind(last.as_str())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.try_get("customer_id")?;
-                Ok((id_of(&id, "customer_tags")?, r.try_get("tag")?))
-            })
-            .collect()
+        rows.iter().map(tag_from_row).collect()
     }
 
     async fn existing_dedup_keys(&self, keys: &[String]) -> StoreResult<HashSet<String>> {
@@ -1066,24 +1068,7 @@ impl Store for PostgresStore {
         .fetch_one(&mut *tx)
         .await?;
         if let Some(f) = firing {
-            let n = sqlx::query(
-                "UPDATE schedule_firings SET status = 'done', run_id = $1, finished_at = $2, lease_until = NULL
-                 WHERE schedule = $3 AND fire_at = $4 AND status = 'running' AND holder = $5",
-            )
-            .bind(run_id)
-            .bind(to_millis(started_at))
-            .bind(&f.schedule)
-            .bind(to_millis(f.fire_at))
-            .bind(&f.holder)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if n == 0 {
-                return Err(StoreError::LeaseLost(format!(
-                    "schedule {:?} firing at {}",
-                    f.schedule, f.fire_at
-                )));
-            }
+            mark_firing_done(&mut tx, f, run_id, to_millis(started_at)).await?;
         }
         let size = partition_size.max(1) as i64;
         let starts: Vec<String> = match spec.changed_since {
@@ -1277,12 +1262,7 @@ impl Store for PostgresStore {
         .bind(strings(ids.iter().map(CustomerId::as_str)))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.try_get("customer_id")?;
-                Ok((id_of(&id, "customer_tags")?, r.try_get("tag")?))
-            })
-            .collect()
+        rows.iter().map(tag_from_row).collect()
     }
 
     async fn open_escalations_of(&self, ids: &[CustomerId]) -> StoreResult<Vec<EscalationRecord>> {

@@ -178,6 +178,22 @@ pub(crate) fn partition_ranges(starts: Vec<String>) -> Vec<(u32, String, Option<
     ranges
 }
 
+/// A (customer, tag) row of `customer_tags`.
+pub(crate) fn tag_from_row(row: &impl Columns) -> StoreResult<(CustomerId, String)> {
+    Ok((
+        id_of(&row.text("customer_id")?, "customer_tags")?,
+        row.text("tag")?,
+    ))
+}
+
+/// The spec of a partitioned run, from its row's `spec` column.
+fn spec_of(run: &impl Columns) -> StoreResult<super::RunSpec> {
+    let spec = run
+        .opt_text("spec")?
+        .ok_or_else(|| corrupt("runs", "a partitioned run without a spec"))?;
+    serde_json::from_str(&spec).map_err(|e| corrupt("runs", e.to_string()))
+}
+
 /// A claimed partition from its row (`run_id, idx, start_id, end_id`) and
 /// its run's (`trigger, started_at, spec`).
 pub(crate) fn partition_from_rows(
@@ -185,9 +201,6 @@ pub(crate) fn partition_from_rows(
     run: &impl Columns,
     holder: &str,
 ) -> StoreResult<super::Partition> {
-    let spec = run
-        .opt_text("spec")?
-        .ok_or_else(|| corrupt("runs", "a partitioned run without a spec"))?;
     Ok(super::Partition {
         run_id: p.int("run_id")?,
         index: p.int("idx")? as u32,
@@ -196,7 +209,7 @@ pub(crate) fn partition_from_rows(
         holder: holder.to_owned(),
         trigger: run.text("trigger")?,
         started_at: from_millis(run.int("started_at")?),
-        spec: serde_json::from_str(&spec).map_err(|e| corrupt("runs", e.to_string()))?,
+        spec: spec_of(run)?,
     })
 }
 
@@ -228,13 +241,10 @@ pub(crate) fn ids_json(ids: &[CustomerId]) -> String {
 
 /// A run still planning from its row (`id, trigger, started_at, spec`).
 pub(crate) fn unfinished_run_from_row(row: &impl Columns) -> StoreResult<super::UnfinishedRun> {
-    let spec = row
-        .opt_text("spec")?
-        .ok_or_else(|| corrupt("runs", "a partitioned run without a spec"))?;
     Ok(super::UnfinishedRun {
         id: row.int("id")?,
         trigger: row.text("trigger")?,
         started_at: from_millis(row.int("started_at")?),
-        spec: serde_json::from_str(&spec).map_err(|e| corrupt("runs", e.to_string()))?,
+        spec: spec_of(row)?,
     })
 }

@@ -15,7 +15,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use super::rows::{
     action_from_row, corrupt, customer_from_row, decision_from_row, escalation_from_row,
     event_from_row, id_of, ids_json, initial_status, json_of, partition_from_rows,
-    partition_ranges, partition_record_from_row, unfinished_run_from_row,
+    partition_ranges, partition_record_from_row, tag_from_row, unfinished_run_from_row,
 };
 use super::*;
 use crate::domain::{Customer, CustomerId, CustomerPatch, Email, EngagementModel, Event};
@@ -29,6 +29,35 @@ const ACTION_CHUNK: usize = 500;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+}
+
+/// Marks a running firing done with its run, if `f`'s holder still has it
+/// (`LeaseLost` otherwise: another process took it over).
+async fn mark_firing_done(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    f: &Firing,
+    run_id: i64,
+    at: i64,
+) -> StoreResult<()> {
+    let n = sqlx::query(
+        "UPDATE schedule_firings SET status = 'done', run_id = ?, finished_at = ?, lease_until = NULL
+         WHERE schedule = ? AND fire_at = ? AND status = 'running' AND holder = ?",
+    )
+    .bind(run_id)
+    .bind(at)
+    .bind(&f.schedule)
+    .bind(to_millis(f.fire_at))
+    .bind(&f.holder)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        return Err(StoreError::LeaseLost(format!(
+            "schedule {:?} firing at {}",
+            f.schedule, f.fire_at
+        )));
+    }
+    Ok(())
 }
 
 /// Records that these customers' data changed at `at` (for schedules that
@@ -309,13 +338,7 @@ impl Store for SqliteStore {
         .bind(last.as_str())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.try_get("customer_id")?;
-                let id = id_of(&id, "customer_tags")?;
-                Ok((id, r.try_get("tag")?))
-            })
-            .collect()
+        rows.iter().map(tag_from_row).collect()
     }
 
     async fn existing_dedup_keys(&self, keys: &[String]) -> StoreResult<HashSet<String>> {
@@ -402,24 +425,7 @@ impl Store for SqliteStore {
             }
         };
         if let Some(f) = plan.firing.as_ref().filter(|_| !staged) {
-            let n = sqlx::query(
-                "UPDATE schedule_firings SET status = 'done', run_id = ?, finished_at = ?, lease_until = NULL
-                 WHERE schedule = ? AND fire_at = ? AND status = 'running' AND holder = ?",
-            )
-            .bind(run_id)
-            .bind(now_ms)
-            .bind(&f.schedule)
-            .bind(to_millis(f.fire_at))
-            .bind(&f.holder)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if n == 0 {
-                return Err(StoreError::LeaseLost(format!(
-                    "schedule {:?} firing at {}",
-                    f.schedule, f.fire_at
-                )));
-            }
+            mark_firing_done(&mut tx, f, run_id, now_ms).await?;
         }
 
         let mut per_rule: BTreeMap<String, RuleCommitCounts> = BTreeMap::new();
@@ -670,24 +676,7 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         if let Some(f) = firing {
-            let n = sqlx::query(
-                "UPDATE schedule_firings SET status = 'done', run_id = ?, finished_at = ?, lease_until = NULL
-                 WHERE schedule = ? AND fire_at = ? AND status = 'running' AND holder = ?",
-            )
-            .bind(run_id)
-            .bind(to_millis(started_at))
-            .bind(&f.schedule)
-            .bind(to_millis(f.fire_at))
-            .bind(&f.holder)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if n == 0 {
-                return Err(StoreError::LeaseLost(format!(
-                    "schedule {:?} firing at {}",
-                    f.schedule, f.fire_at
-                )));
-            }
+            mark_firing_done(&mut tx, f, run_id, to_millis(started_at)).await?;
         }
         // The first id of every `partition_size` customers (of those changed
         // since the spec's time, when it has one) starts a partition.
@@ -880,12 +869,7 @@ impl Store for SqliteStore {
         .bind(ids_json(ids))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.try_get("customer_id")?;
-                Ok((id_of(&id, "customer_tags")?, r.try_get("tag")?))
-            })
-            .collect()
+        rows.iter().map(tag_from_row).collect()
     }
 
     async fn open_escalations_of(&self, ids: &[CustomerId]) -> StoreResult<Vec<EscalationRecord>> {
