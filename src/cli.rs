@@ -1287,8 +1287,8 @@ async fn explain(
             .map(|t| format!("would wait for the send window until {t}"))
     });
     let mut outcomes = Vec::new();
-    for rule in rules.rules() {
-        let (result, reads) = rules.explain(rule, &facts);
+    for (index, rule) in rules.rules().iter().enumerate() {
+        let (result, reads) = rules.explain(index, &facts);
         let outcome = match result {
             Ok(actions) if actions.is_empty() => {
                 serde_json::json!({"rule": rule.id, "outcome": "nothing"})

@@ -152,17 +152,35 @@ thread_local! {
 struct ContextGuard;
 
 impl ContextGuard {
-    fn install(facts: Arc<Facts>, rule: &str, trace: bool) -> Self {
+    /// Installs the context for one customer; [`ContextGuard::start`] each
+    /// rule evaluated for them.
+    fn install(facts: Arc<Facts>, trace: bool) -> Self {
         CONTEXT.with(|c| {
             *c.borrow_mut() = Some(EvalContext {
                 facts,
-                rule: rule.to_owned(),
+                rule: String::new(),
                 planned: Vec::new(),
                 reads: trace.then(Vec::new),
                 budget: None,
             })
         });
         Self
+    }
+
+    /// Starts the evaluation of `rule`: nothing planned, nothing read, a
+    /// fresh CPU budget.
+    fn start(&self, rule: &str) {
+        CONTEXT.with(|c| {
+            if let Some(ctx) = c.borrow_mut().as_mut() {
+                ctx.rule.clear();
+                ctx.rule.push_str(rule);
+                ctx.planned.clear();
+                if let Some(reads) = &mut ctx.reads {
+                    reads.clear();
+                }
+                ctx.budget = None;
+            }
+        })
     }
 
     fn take_reads(&self) -> Vec<String> {
@@ -228,10 +246,25 @@ fn uncatchable(message: String) -> Box<EvalAltResult> {
     EvalAltResult::ErrorTerminated(Dynamic::from(message), Position::NONE).into()
 }
 
+thread_local! {
+    /// Rhai's function-resolution caches of one rule set's rules (by
+    /// position), kept between evaluations on this thread: a fresh cache
+    /// per evaluation made every operator and call a full lookup.
+    static RESOLUTION_CACHES: RefCell<(u64, Vec<rhai::Caches>)> = const { RefCell::new((0, Vec::new())) };
+}
+
+/// A number no other rule set has (0 is none's).
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// All rules of a directory, compiled with one engine.
 pub struct RuleSet {
     engine: Engine,
     rules: Vec<Rule>,
+    /// Tells this set's rules apart from another's in [`RESOLUTION_CACHES`].
+    generation: u64,
     /// Function name → its signatures, for "expected …" hints.
     signatures: std::collections::HashMap<String, Vec<String>>,
 }
@@ -256,6 +289,15 @@ impl fmt::Debug for RuleSet {
             .field("rules", &self.rules)
             .finish()
     }
+}
+
+/// What a rule sees in scope when it runs for this customer: `customer`
+/// and `now`, as constants (a rule cannot change them for the rules after it).
+fn customer_scope(facts: &Facts) -> Scope<'static> {
+    let mut scope = Scope::new();
+    scope.push_constant("customer", value::customer_to_dynamic(facts));
+    scope.push_constant("now", Timestamp(facts.now));
+    scope
 }
 
 /// The names every rule sees in scope. Pushed as variables (not constants):
@@ -423,6 +465,7 @@ impl RuleSet {
             Self {
                 engine,
                 rules,
+                generation: next_generation(),
                 signatures,
             },
             errors,
@@ -440,6 +483,7 @@ impl RuleSet {
         Ok(Self {
             engine,
             rules,
+            generation: next_generation(),
             signatures,
         })
     }
@@ -456,47 +500,70 @@ impl RuleSet {
     /// Keeps only the named rules (a schedule's subset).
     pub fn retain(&mut self, ids: &[String]) {
         self.rules.retain(|r| ids.contains(&r.id));
+        self.generation = next_generation();
     }
 
-    /// Evaluates one rule for one customer.
-    pub fn evaluate(
-        &self,
-        rule: &Rule,
-        facts: &Arc<Facts>,
-        customer_value: &Dynamic,
-    ) -> Result<Vec<PlannedAction>, RuleError> {
-        self.evaluate_traced(rule, facts, customer_value, false).0
-    }
-
-    /// Evaluates one rule for one customer, listing the facts it read (for
-    /// `engaged explain`).
+    /// Evaluates rule `index` (of [`RuleSet::rules`]) for one customer,
+    /// listing the facts it read (for `engaged explain`).
     pub fn explain(
         &self,
-        rule: &Rule,
+        index: usize,
         facts: &Arc<Facts>,
     ) -> (Result<Vec<PlannedAction>, RuleError>, Vec<String>) {
-        let customer = value::customer_to_dynamic(facts);
-        self.evaluate_traced(rule, facts, &customer, true)
+        let guard = ContextGuard::install(Arc::clone(facts), true);
+        let mut scope = customer_scope(facts);
+        self.evaluate_in(&guard, &mut scope, index, facts)
     }
 
-    fn evaluate_traced(
+    /// Runs rule `index` of this set with this thread's resolution cache
+    /// for it (what `Engine::run_ast_with_scope` does, with a kept cache).
+    fn run(
         &self,
-        rule: &Rule,
-        facts: &Arc<Facts>,
-        customer_value: &Dynamic,
-        trace: bool,
+        index: usize,
+        scope: &mut Scope<'static>,
+        ast: &AST,
+    ) -> Result<(), Box<EvalAltResult>> {
+        RESOLUTION_CACHES.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let (generation, caches) = &mut *cell;
+            if *generation != self.generation || caches.len() != self.rules.len() {
+                *generation = self.generation;
+                *caches = (0..self.rules.len()).map(|_| rhai::Caches::new()).collect();
+            }
+            let mut global = self.engine.new_global_runtime_state();
+            global.source = ast.source().map(Into::into);
+            global.lib.push(ast.shared_lib().clone());
+            global.embedded_module_resolver = ast.resolver().cloned();
+            #[allow(deprecated)] // the one entry point that takes a kept cache
+            self.engine
+                .eval_statements_raw(&mut global, &mut caches[index], scope, ast.statements())
+                .map(|_| ())
+        })
+    }
+
+    /// Evaluates `rule` in the customer's scope (see [`customer_scope`]),
+    /// leaving the scope as it found it.
+    fn evaluate_in(
+        &self,
+        guard: &ContextGuard,
+        scope: &mut Scope<'static>,
+        index: usize,
+        facts: &Facts,
     ) -> (Result<Vec<PlannedAction>, RuleError>, Vec<String>) {
-        let guard = ContextGuard::install(Arc::clone(facts), &rule.id, trace);
-        let mut scope = Scope::new();
-        scope.push("customer", customer_value.clone());
-        scope.push("now", Timestamp(facts.now));
+        let rule = &self.rules[index];
+        guard.start(&rule.id);
+        let base = scope.len();
         // A bug in a native function must cost one evaluation, not the run.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.engine.run_ast_with_scope(&mut scope, &rule.ast)
+            self.run(index, scope, &rule.ast)
         }));
+        if result.is_err() {
+            // A panic may have left the rule's cache mid-change.
+            RESOLUTION_CACHES.with(|c| c.borrow_mut().0 = 0);
+        }
+        scope.rewind(base);
         let planned = guard.take_planned();
         let reads = guard.take_reads();
-        drop(guard);
         let result = match result {
             Ok(r) => r,
             Err(panic) => {
@@ -545,11 +612,16 @@ impl RuleSet {
         facts: &Arc<Facts>,
         only: Option<&HashSet<String>>,
     ) -> Vec<(&Rule, Result<Vec<PlannedAction>, RuleError>)> {
-        let customer = value::customer_to_dynamic(facts);
+        // One context and one scope for all the customer's rules: the
+        // customer map is built once, and `customer` and `now` are constants,
+        // so no rule can change what the next one sees.
+        let guard = ContextGuard::install(Arc::clone(facts), false);
+        let mut scope = customer_scope(facts);
         self.rules
             .iter()
-            .filter(|r| only.is_none_or(|o| o.contains(&r.id)))
-            .map(|rule| (rule, self.evaluate(rule, facts, &customer)))
+            .enumerate()
+            .filter(|(_, r)| only.is_none_or(|o| o.contains(&r.id)))
+            .map(|(i, rule)| (rule, self.evaluate_in(&guard, &mut scope, i, facts).0))
             .collect()
     }
 
@@ -828,6 +900,36 @@ fn captures(path: &Path, ast: &AST) -> Vec<RuleError> {
     errors
 }
 
+/// Assignments into `customer` or `now` (`customer.traits.plan = "x"`):
+/// they are constants that every rule of the run shares, and Rhai checks
+/// only a plain `customer = …` at run time, not a change through a property
+/// or an index.
+fn writes_to_constants(path: &Path, ast: &AST) -> Vec<RuleError> {
+    fn root(e: &rhai::Expr) -> Option<&str> {
+        match e {
+            rhai::Expr::Variable(var, ..) => Some(var.1.as_str()),
+            rhai::Expr::Dot(x, ..) | rhai::Expr::Index(x, ..) => root(&x.lhs),
+            _ => None,
+        }
+    }
+    let mut errors = Vec::new();
+    ast.walk(&mut |nodes: &[rhai::ASTNode]| {
+        if let Some(rhai::ASTNode::Stmt(rhai::Stmt::Assignment(x))) = nodes.last()
+            && let Some(name) = root(&x.1.lhs).filter(|n| ["customer", "now"].contains(n))
+        {
+            errors.push(located(
+                path,
+                x.1.lhs.position(),
+                format!(
+                    "`{name}` is read-only (every rule sees the same one); copy it first to change a copy: `let c = {name}; c… = …`"
+                ),
+            ));
+        }
+        true
+    });
+    errors
+}
+
 /// Rhai's parse error, with a hint where ours says more.
 fn compile_message(message: String) -> String {
     if message.contains("'this' is disabled") {
@@ -847,6 +949,7 @@ fn compile(engine: &Engine, path: &Path, source: &str) -> Result<Rule, RuleError
         .map_err(|e| located(path, e.1, compile_message(e.0.to_string())))?;
     let mut problems = unknown_calls(engine, path, &ast);
     problems.extend(captures(path, &ast));
+    problems.extend(writes_to_constants(path, &ast));
     problems.extend(unknown_event_properties(path, &ast));
     if let Some(first) = problems.into_iter().min_by_key(|e| (e.line, e.col)) {
         return Err(first);
@@ -964,6 +1067,44 @@ mod tests {
             .evaluate_all(&facts())
             .remove(0)
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_rule_cannot_change_what_the_next_rule_sees() {
+        for src in [
+            "customer.traits.plan = \"gold\";",
+            "customer[\"traits\"].plan += 1;",
+            "now = 1;",
+        ] {
+            let e = RuleSet::from_sources(&[("w", src)], Known::default()).unwrap_err();
+            assert!(e.message.contains("is read-only"), "{src}: {e}");
+            assert_eq!(e.line, 1);
+        }
+        let rules = RuleSet::from_sources(
+            &[
+                ("a_pushes", "customer.tags.push(\"vip\");"),
+                (
+                    "b_copies",
+                    "let c = customer; c.traits.plan = \"gold\"; c.tags.push(\"vip\");",
+                ),
+                ("c_shadows", "let customer = #{ tags: [\"vip\"] };"),
+                (
+                    "d_reads",
+                    "if customer.traits.plan == () && customer.tags.len() == 0 { tag(\"clean\"); }",
+                ),
+            ],
+            Known::default(),
+        )
+        .unwrap();
+        for _ in 0..2 {
+            let results = rules.evaluate_all(&facts());
+            let e = results[0].as_ref().unwrap_err().to_string();
+            assert!(e.contains("constant"), "{e}");
+            assert!(results[1].is_ok(), "{:?}", results[1]);
+            assert!(results[2].is_ok(), "{:?}", results[2]);
+            let planned = results[3].as_ref().unwrap();
+            assert_eq!(planned.len(), 1, "the last rule saw a changed customer");
+        }
     }
 
     #[test]
