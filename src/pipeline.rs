@@ -414,9 +414,24 @@ struct Loaded {
     partition: Option<Partition>,
 }
 
-/// The customers of a run, evaluated a page at a time: the next page loads
-/// (and, in a real run, is claimed) while this one evaluates on the rayon
-/// pool, and only one page's facts and plan are held at once.
+/// What `evaluate_page` gives for a page, and its seconds.
+type Results = (Vec<(Vec<Outgoing>, Vec<RuleErrorRecord>)>, f64);
+
+/// One page whose rules run on the rayon pool.
+struct Evaluating {
+    ids: Vec<CustomerId>,
+    partition: Option<Partition>,
+    /// Customers loaded (before those created after `now` were left out).
+    loaded: u64,
+    /// Seconds spent loading it that nothing else overlapped.
+    load_seconds: f64,
+    task: tokio::task::JoinHandle<Results>,
+}
+
+/// The customers of a run, evaluated a page at a time, in a pipeline: while
+/// the caller commits one page, the next evaluates on the rayon pool, and
+/// the one after loads (and, in a real run, is claimed) while the caller
+/// waits for it. Only three pages' facts and plans are held at once.
 pub struct Pages<'a> {
     store: &'a dyn Store,
     rules: Arc<RuleSet>,
@@ -427,8 +442,10 @@ pub struct Pages<'a> {
     cancel: Option<&'a CancellationToken>,
     selected: u64,
     source: Source,
-    /// The next page, loaded but not evaluated; `None` before the first load.
-    loaded: Option<Option<Loaded>>,
+    /// The page evaluating now; `None` before the first and after the last.
+    evaluating: Option<Evaluating>,
+    /// The source has no more pages.
+    exhausted: bool,
 }
 
 impl<'a> Pages<'a> {
@@ -458,7 +475,8 @@ impl<'a> Pages<'a> {
             cancel,
             selected,
             source,
-            loaded: None,
+            evaluating: None,
+            exhausted: false,
         }
     }
 
@@ -507,49 +525,84 @@ impl<'a> Pages<'a> {
         }
     }
 
-    /// Evaluates the next page; `None` after the last. Rule errors are
-    /// collected, never fatal; a cancelled run stops at once.
-    pub async fn next(&mut self) -> Result<Option<EvaluatedPage>, RunError> {
-        let first_load = Instant::now();
-        let loaded = match self.loaded.take() {
-            Some(loaded) => loaded,
-            None => self.load_next().await?,
-        };
-        let first_load = first_load.elapsed().as_secs_f64();
-        if self.stopped() {
-            return Err(RunError::Cancelled);
-        }
-        let Some(Loaded {
+    /// Starts evaluating a loaded page on the rayon pool.
+    fn start(&self, loaded: Loaded, load_seconds: f64) -> Evaluating {
+        let Loaded {
             facts: mut page,
             partition,
-        }) = loaded
-        else {
-            self.loaded = Some(None);
-            return Ok(None);
-        };
-        let loaded = page.len() as u64;
-        let rules = Arc::clone(&self.rules);
-        let only = self.only.clone();
-        let owner = self.default_owner.clone();
-        let cancel = self.cancel.cloned();
+        } = loaded;
+        let count = page.len() as u64;
         let now = self.now;
         // Customers who signed up after `now` did not exist yet: a replay of
         // the past must not welcome them.
         page.retain(|f| f.customer.created_at.is_none_or(|c| c <= now));
         let ids: Vec<CustomerId> = page.iter().map(|f| f.customer.id.clone()).collect();
-        let evaluating = tokio::task::spawn_blocking(move || {
+        let rules = Arc::clone(&self.rules);
+        let only = self.only.clone();
+        let owner = self.default_owner.clone();
+        let cancel = self.cancel.cloned();
+        let task = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let results = evaluate_page(&rules, only.as_deref(), page, &owner, cancel.as_ref());
             (results, started.elapsed().as_secs_f64())
         });
+        Evaluating {
+            ids,
+            partition,
+            loaded: count,
+            load_seconds,
+            task,
+        }
+    }
+
+    /// Loads the next page and starts its evaluation; notes when there is
+    /// none. `waited`: nothing overlapped the load (the first page), so its
+    /// seconds count as the page's loading time.
+    async fn load_and_start(&mut self, waited: bool) -> Result<Option<Evaluating>, StoreError> {
+        if self.exhausted {
+            return Ok(None);
+        }
         let started = Instant::now();
-        let next = self.load_next().await;
-        let loading = started.elapsed().as_secs_f64();
-        let (results, rule_seconds) = evaluating.await.map_err(|e| StoreError::Corrupt {
+        match self.load_next().await? {
+            Some(loaded) => {
+                let seconds = if waited {
+                    started.elapsed().as_secs_f64()
+                } else {
+                    0.0
+                };
+                Ok(Some(self.start(loaded, seconds)))
+            }
+            None => {
+                self.exhausted = true;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Evaluates the next page; `None` after the last. Rule errors are
+    /// collected, never fatal; a cancelled run stops at once.
+    pub async fn next(&mut self) -> Result<Option<EvaluatedPage>, RunError> {
+        let waited = Instant::now();
+        if self.evaluating.is_none() {
+            self.evaluating = self.load_and_start(true).await?;
+        }
+        let Some(current) = self.evaluating.take() else {
+            return Ok(None);
+        };
+        if self.stopped() {
+            return Err(RunError::Cancelled);
+        }
+        // The page after this one loads while this one evaluates; its
+        // evaluation then runs while the caller commits this one.
+        let loading = Instant::now();
+        let following = self.load_and_start(false).await;
+        let loading = loading.elapsed().as_secs_f64();
+        let (results, rule_seconds) = current.task.await.map_err(|e| StoreError::Corrupt {
             table: "evaluation",
             message: format!("evaluation task failed: {e}"),
         })?;
-        self.loaded = Some(next?);
+        let evaluated = waited.elapsed().as_secs_f64();
+        self.evaluating = following?;
         if self.stopped() {
             return Err(RunError::Cancelled);
         }
@@ -558,10 +611,10 @@ impl<'a> Pages<'a> {
             customers: n,
             evaluations: n * self.selected,
             rule_seconds,
-            // The next page loaded while this one evaluated: only the part
-            // of loading that outlasted the rules was waited for.
-            load_seconds: first_load + (loading - rule_seconds).max(0.0),
-            seconds: started.elapsed().as_secs_f64(),
+            // Loading overlaps evaluating: only the part of it that outlasted
+            // the rules was waited for.
+            load_seconds: current.load_seconds + (loading - rule_seconds).max(0.0),
+            seconds: evaluated,
             ..Default::default()
         };
         for (o, e) in results {
@@ -569,12 +622,12 @@ impl<'a> Pages<'a> {
             eval.errors.extend(e);
         }
         if let Some(p) = self.progress {
-            p.inc(loaded);
+            p.inc(current.loaded);
         }
         Ok(Some(EvaluatedPage {
-            ids,
+            ids: current.ids,
             eval,
-            partition,
+            partition: current.partition,
         }))
     }
 }
