@@ -225,9 +225,17 @@ impl Evaluation {
     }
 }
 
-/// Turns one planned action into what the store keeps. Pure.
-pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) -> Outgoing {
-    let customer = facts.customer.clone();
+/// Turns one planned action into what the store keeps. Pure. Without
+/// `payloads` (dry runs, simulations: nothing is written) the payloads are
+/// left empty (`null`), which spares serialising a copy of the customer per
+/// action.
+pub fn to_outgoing(
+    action: PlannedAction,
+    facts: &Facts,
+    default_owner: &Email,
+    payloads: bool,
+) -> Outgoing {
+    let customer = &facts.customer;
     let customer_email = customer.email.as_ref().map(ToString::to_string);
     let customer_tz = customer.timezone.clone();
     let key = dedup_key(&action);
@@ -250,6 +258,17 @@ pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) 
             payload: payload.unwrap_or_else(|_| "null".into()),
         })
     };
+    // Built and serialised only when kept.
+    fn json<T: serde::Serialize>(
+        keep: bool,
+        value: impl FnOnce() -> T,
+    ) -> Result<String, serde_json::Error> {
+        if keep {
+            serde_json::to_string(&value())
+        } else {
+            Ok("null".into())
+        }
+    }
     match kind {
         ActionRequest::Email {
             template,
@@ -258,22 +277,22 @@ pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) 
         } => action(
             OutboxKind::Email,
             format!("{template} (key {k})"),
-            serde_json::to_string(&EmailPayload {
+            json(payloads, || EmailPayload {
                 template: template.clone(),
                 key: k.clone(),
                 vars,
-                customer,
+                customer: customer.clone(),
             }),
         ),
         ActionRequest::Tag { name } => action(
             OutboxKind::Tag,
             name.clone(),
-            Ok(json!({ "name": name }).to_string()),
+            json(payloads, || json!({ "name": name })),
         ),
         ActionRequest::Webhook { name, payload } => action(
             OutboxKind::Webhook,
             name.clone(),
-            serde_json::to_string(&WebhookPayload {
+            json(payloads, || WebhookPayload {
                 name,
                 rule: rule.clone(),
                 customer_id: customer_id.clone(),
@@ -285,17 +304,21 @@ pub fn to_outgoing(action: PlannedAction, facts: &Facts, default_owner: &Email) 
                 .owner
                 .clone()
                 .unwrap_or_else(|| default_owner.clone());
-            let notice = serde_json::to_value(EscalationPayload {
-                escalation_id: 0,
-                rule: rule.clone(),
-                reason: reason.clone(),
-                owner: owner.clone(),
-                customer,
-                facts: facts.summary(),
-                reminder: 0,
-                overflow: None,
-            })
-            .unwrap_or(Value::Null);
+            let notice = if payloads {
+                serde_json::to_value(EscalationPayload {
+                    escalation_id: 0,
+                    rule: rule.clone(),
+                    reason: reason.clone(),
+                    owner: owner.clone(),
+                    customer: customer.clone(),
+                    facts: facts.summary(),
+                    reminder: 0,
+                    overflow: None,
+                })
+                .unwrap_or(Value::Null)
+            } else {
+                Value::Null
+            };
             Outgoing::Escalation(NewEscalation {
                 customer_id,
                 rule,
@@ -357,6 +380,7 @@ pub(crate) fn evaluate_page(
     page: Vec<Facts>,
     default_owner: &Email,
     cancel: Option<&CancellationToken>,
+    payloads: bool,
 ) -> Vec<(Vec<Outgoing>, Vec<RuleErrorRecord>)> {
     page.into_par_iter()
         .map(|facts| {
@@ -371,7 +395,7 @@ pub(crate) fn evaluate_page(
                     Ok(actions) => outgoing.extend(
                         actions
                             .into_iter()
-                            .map(|a| to_outgoing(a, &facts, default_owner)),
+                            .map(|a| to_outgoing(a, &facts, default_owner, payloads)),
                     ),
                     Err(e) => errors.push(RuleErrorRecord {
                         rule: rule.id.clone(),
@@ -541,9 +565,18 @@ impl<'a> Pages<'a> {
         let only = self.only.clone();
         let owner = self.default_owner.clone();
         let cancel = self.cancel.cloned();
+        // A dry run (pages of the base) writes nothing: no payloads.
+        let payloads = matches!(self.source, Source::Claims { .. });
         let task = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let results = evaluate_page(&rules, only.as_deref(), page, &owner, cancel.as_ref());
+            let results = evaluate_page(
+                &rules,
+                only.as_deref(),
+                page,
+                &owner,
+                cancel.as_ref(),
+                payloads,
+            );
             (results, started.elapsed().as_secs_f64())
         });
         Evaluating {

@@ -324,7 +324,7 @@ impl Simulator<'_> {
             let only: Option<HashSet<String>> = only.as_ref().map(|r| r.iter().cloned().collect());
             let owner = self.default_owner.clone();
             let results = tokio::task::spawn_blocking(move || {
-                evaluate_page(&rules, only.as_ref(), facts, &owner, None)
+                evaluate_page(&rules, only.as_ref(), facts, &owner, None, false)
             })
             .await
             .map_err(|e| StoreError::Corrupt {

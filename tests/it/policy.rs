@@ -825,7 +825,7 @@ async fn a_run_waits_for_another_planner_and_counts_its_emails_against_the_cap()
     };
     let owner = engaged::domain::Email::parse(DEFAULT_OWNER).unwrap();
     let engaged::pipeline::Outgoing::Action(vip) =
-        engaged::pipeline::to_outgoing(planned, &facts, &owner)
+        engaged::pipeline::to_outgoing(planned, &facts, &owner, true)
     else {
         panic!("an email is an action")
     };
