@@ -167,17 +167,13 @@ impl ContextGuard {
         Self
     }
 
-    /// Starts the evaluation of `rule`: nothing planned, nothing read, a
-    /// fresh CPU budget.
+    /// Starts the evaluation of `rule` with a fresh CPU budget (what the
+    /// last rule planned and read was taken by `take_planned`/`take_reads`).
     fn start(&self, rule: &str) {
         CONTEXT.with(|c| {
             if let Some(ctx) = c.borrow_mut().as_mut() {
                 ctx.rule.clear();
                 ctx.rule.push_str(rule);
-                ctx.planned.clear();
-                if let Some(reads) = &mut ctx.reads {
-                    reads.clear();
-                }
                 ctx.budget = None;
             }
         })
@@ -187,7 +183,7 @@ impl ContextGuard {
         CONTEXT.with(|c| {
             c.borrow_mut()
                 .as_mut()
-                .and_then(|ctx| ctx.reads.take())
+                .and_then(|ctx| ctx.reads.as_mut().map(std::mem::take))
                 .unwrap_or_default()
         })
     }

@@ -476,7 +476,8 @@ pub trait Store: Send + Sync {
         until: DateTime<Utc>,
     ) -> StoreResult<Vec<Event>>;
     /// The same events grouped per customer, as (name, time, properties),
-    /// for evaluation: one row per customer instead of one per event.
+    /// for evaluation (SQLite reads a page's in one JSON row, PostgreSQL one
+    /// row per customer).
     async fn histories_in_id_range(
         &self,
         first: &CustomerId,
